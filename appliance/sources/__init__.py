@@ -1,0 +1,1 @@
+"""Source adapters: where machines' disks are read from (libvirt/KVM, NBD, vSphere, agent)."""

@@ -1,0 +1,75 @@
+# Shared set-up steps for scripts/demo, scripts/test and scripts/bench. Sourced, not run.
+# Idempotent: a second run on a ready machine takes a few seconds.
+
+FERRYMAN_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV="$FERRYMAN_ROOT/.venv"
+# Built images (test guests, lab, appliance) live outside the clone so a fresh clone reuses them.
+export FERRYMAN_CACHE=${FERRYMAN_CACHE:-/var/cache/ferryman}
+# No usable nested KVM on the build machines: libguestfs must use TCG. ferrymand sets the same
+# from its KVM probe; these defaults make the scripts and tests independent of the probe.
+export LIBGUESTFS_BACKEND=${LIBGUESTFS_BACKEND:-direct}
+export LIBGUESTFS_BACKEND_SETTINGS=${LIBGUESTFS_BACKEND_SETTINGS:-force_tcg}
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+need_root() {
+    [ "$(id -u)" = 0 ] || die "run as root (it installs Debian packages and starts libvirtd): sudo $0 $*"
+}
+
+ensure_packages() {
+    local want missing=() p
+    want=$(grep -vE '^\s*(#|$)' "$FERRYMAN_ROOT/scripts/debian-packages.txt")
+    for p in $want; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        say "installing ${#missing[@]} Debian packages: ${missing[*]}"
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+}
+
+ensure_venv() {
+    # The bindings (nbd, guestfs, libvirt, hivex) exist only as Debian packages, for /usr/bin/python3.
+    local stamp="$VENV/.ferryman-stamp" want
+    want=$(sha256sum "$FERRYMAN_ROOT/pyproject.toml" | cut -d' ' -f1)
+    if [ ! -x "$VENV/bin/python" ]; then
+        say "creating $VENV from /usr/bin/python3 (--system-site-packages)"
+        /usr/bin/python3 -m venv --system-site-packages "$VENV"
+    fi
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        say "installing Ferryman and its pinned Python dependencies"
+        "$VENV/bin/pip" install -q --disable-pip-version-check -e "$FERRYMAN_ROOT[dev]"
+        echo "$want" > "$stamp"
+    fi
+    "$VENV/bin/python" -c 'import nbd, guestfs, libvirt' \
+        || die "the venv cannot import the Debian bindings; remove $VENV and run again"
+}
+
+have_systemd() { [ -d /run/systemd/system ] && [ "$(ps -o comm= 1)" = systemd ]; }
+
+ensure_services() {
+    # libvirtd needs virtlogd. On the appliance systemd runs both; on build machines systemd
+    # is not PID 1, so start the daemons directly (they outlive this script, as they should).
+    if have_systemd; then
+        systemctl start virtlogd.socket libvirtd.service >/dev/null 2>&1 || true
+    else
+        pgrep -x virtlogd >/dev/null || { say "starting virtlogd"; virtlogd -d; }
+        pgrep -x libvirtd >/dev/null || { say "starting libvirtd"; libvirtd -d; }
+    fi
+    local i
+    for i in $(seq 50); do
+        virsh -q -c qemu:///system version >/dev/null 2>&1 && return 0
+        sleep 0.2
+    done
+    die "libvirtd does not answer on qemu:///system; see /var/log/libvirt/libvirtd.log"
+}
+
+setup_all() {
+    need_root "$@"
+    ensure_packages
+    ensure_venv
+    ensure_services
+    export PATH="$VENV/bin:$PATH"
+}

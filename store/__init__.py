@@ -1,0 +1,1 @@
+"""SQLite state store: schema by migrations, WAL, synchronous=FULL. Never imports Textual."""
