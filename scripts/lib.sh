@@ -40,7 +40,8 @@ ensure_venv() {
     fi
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         say "installing Ferryman and its pinned Python dependencies"
-        "$VENV/bin/pip" install -q --disable-pip-version-check -e "$FERRYMAN_ROOT[dev]"
+        "$VENV/bin/pip" install -q --disable-pip-version-check -e "$FERRYMAN_ROOT[dev]" \
+            || die "pip could not install the pinned dependencies (see above); is PyPI reachable?"
         echo "$want" > "$stamp"
     fi
     "$VENV/bin/python" -c 'import nbd, guestfs, libvirt' \
