@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 
-class Consistency(str, enum.Enum):
+class Consistency(enum.StrEnum):
     QUIESCED = "quiesced"  # guest agent / VMware tools froze the filesystems
     CRASH_CONSISTENT = "crash-consistent"  # one instant for all disks, no freeze
     CRASH_INCONSISTENT = "crash-inconsistent"  # copied live in passes (agent without LVM)
@@ -99,8 +99,6 @@ class SourceAdapter(Protocol):
 
     def discover(self) -> list[MachineInfo]: ...
 
-    def open_session(
-        self, machine_ref: str, previous_token: dict[str, Any] | None
-    ) -> SyncSession:
+    def open_session(self, machine_ref: str, previous_token: dict[str, Any] | None) -> SyncSession:
         """Freeze the source and expose its disks. previous_token None -> full copy."""
         ...

@@ -1,0 +1,125 @@
+"""The one client library of ferrymand, used by the CLI and the TUI.
+
+Blocking (httpx over the unix socket); the TUI calls it from thread workers only.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from appliance.config import paths
+from appliance.errors import Conflict, DaemonError, FerrymanError, NotFound
+
+CONNECT_TIMEOUT_S = 3.0
+READ_TIMEOUT_S = 30.0  # API calls answer from SQLite; jobs run in the background
+
+_BY_CODE: dict[str, type[FerrymanError]] = {"not_found": NotFound, "conflict": Conflict}
+
+
+def origin() -> str:
+    """Where this client runs: the SSH client address, else the console."""
+    ssh = os.environ.get("SSH_CONNECTION") or os.environ.get("SSH_CLIENT")
+    return f"ssh:{ssh.split()[0]}" if ssh else "console"
+
+
+class Client:
+    def __init__(self, socket_path: Path | None = None, *, user: str | None = None) -> None:
+        self.socket_path = socket_path or paths().socket
+        try:
+            who = user or getpass.getuser()
+        except Exception:
+            who = str(os.getuid())
+        self._http = httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(self.socket_path)),
+            base_url="http://ferrymand",
+            timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
+            headers={"x-ferryman-user": who, "x-ferryman-origin": origin()},
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, url: str, **kw: Any) -> Any:
+        try:
+            r = self._http.request(method, url, **kw)
+        except (httpx.ConnectError, FileNotFoundError, ConnectionRefusedError) as e:
+            raise DaemonError(
+                f"ferrymand is not answering on {self.socket_path}",
+                hint="start it (ferrymand --log-file /var/log/ferryman/ferrymand.log &) or "
+                "check FERRYMAN_SOCKET",
+            ) from e
+        except httpx.TimeoutException as e:
+            raise DaemonError(
+                f"ferrymand did not answer within {READ_TIMEOUT_S:.0f} s",
+                hint="it may be overloaded; check its log",
+            ) from e
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+                cls = _BY_CODE.get(body.get("code", ""), FerrymanError)
+                err = cls(body.get("message") or r.text, hint=body.get("hint"))
+                err.code = body.get("code", err.code)
+            except ValueError:
+                err = FerrymanError(f"ferrymand answered {r.status_code}: {r.text[:200]}")
+            raise err
+        return r.json()
+
+    # -- verbs ------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/health"))
+
+    def jobs(self, *, active: bool = False, limit: int = 100) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/jobs", params={"active": active, "limit": limit}))
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        return dict(self._call("GET", f"/v1/jobs/{job_id}"))
+
+    def submit(
+        self, kind: str, machine: str | None = None, params: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        body = {"kind": kind, "machine": machine, "params": params or {}}
+        return dict(self._call("POST", "/v1/jobs", json=body))
+
+    def cancel(self, job_id: int) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/jobs/{job_id}/cancel"))
+
+    def events(
+        self, since: int = 0, machine: str | None = None, limit: int = 200
+    ) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"since": since, "limit": limit}
+        if machine:
+            params["machine"] = machine
+        return list(self._call("GET", "/v1/events", params=params))
+
+    def probe(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/probe"))
+
+    def openapi(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/openapi.json"))
+
+    def wait(self, job_id: int, timeout: float | None = None, poll: float = 0.5) -> dict[str, Any]:
+        """Block until the job ends; returns its final row."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job["state"] not in ("queued", "running"):
+                return job
+            if end is not None and time.monotonic() > end:
+                raise DaemonError(
+                    f"job {job_id} still {job['state']} after {timeout:.0f} s",
+                    hint=f"follow it with: ferryman job show {job_id}",
+                )
+            time.sleep(poll)

@@ -1,0 +1,1 @@
+"""ferrymand: the only process that runs jobs and writes job state."""
