@@ -36,13 +36,14 @@ def ensure_daemon() -> tuple[dict[str, object], bool]:
     p.log_dir.mkdir(parents=True, exist_ok=True)
     log = p.log_dir / "ferrymand.log"
     ferrymand = Path(sys.executable).parent / "ferrymand"
-    subprocess.Popen(
-        [str(ferrymand), "--log-file", str(log)],
-        start_new_session=True,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=open(p.log_dir / "ferrymand.stderr", "ab"),
-    )  # noqa: SIM115
+    with open(p.log_dir / "ferrymand.stderr", "ab") as err:
+        subprocess.Popen(
+            [str(ferrymand), "--log-file", str(log)],
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
     end = time.monotonic() + READY_TIMEOUT_S
     last: FerrymanError | None = None
     while time.monotonic() < end:
