@@ -4,6 +4,7 @@ Every sync test ends with the proof of shared/reliability.md: the restore point 
 chain written through qemu-nbd) equals the datastore file bit for bit (qemu-img compare).
 """
 
+# ruff: noqa: F811  (fixtures are imported from tests/vsphere_fixtures.py until conftest registers it)
 from __future__ import annotations
 
 import logging
@@ -400,7 +401,7 @@ def test_secret_canary_never_leaks(
 ) -> None:
     # Reliability row 23: the password (a canary) and the session cookie.
     caplog.set_level(logging.DEBUG)
-    src, chain = protected
+    src, _ = protected
     canary = vsphere_vm.vcsim.password
     s = src.open_session(vsphere_vm.moref, None)
     try:

@@ -29,7 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.sources.base import Consistency, DiskInfo, Extent, MachineInfo
+from appliance.sources.base import (
+    Consistency,
+    DiskExport,
+    DiskInfo,
+    Extent,
+    MachineInfo,
+    SourceAdapter,
+)
 from appliance.sources.vsphere import inventory, power, protect, reader
 from appliance.sources.vsphere._vmomi import vim, vmodl
 from appliance.sources.vsphere.client import Endpoint, PasswordSource, Secret, VSphereClient
@@ -79,7 +86,7 @@ class VSphereDiskExport:
 class VSphereSyncSession:
     snapshot_id: str
     consistency: Consistency
-    disks: list[VSphereDiskExport]  # type: ignore[assignment]
+    disks: list[DiskExport]  # the VSphereDiskExports below, as the engine sees them
     full: bool
     reason: str
     events: list[str] = field(default_factory=list)
@@ -89,6 +96,7 @@ class VSphereSyncSession:
     _client: VSphereClient | None = None
     _snapshot: Any = None
     _disk_state: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _exports: list[VSphereDiskExport] = field(default_factory=list)
 
     def token(self) -> dict[str, Any]:
         """The changeIds of the snapshot that was copied. Persist only after sealing."""
@@ -104,7 +112,7 @@ class VSphereSyncSession:
     def release(self) -> None:
         """Stop the exports, remove the snapshot, log out. Idempotent; always call it."""
         errors: list[VSphereError] = []
-        for d in self.disks:
+        for d in self._exports:
             d.export.close()
         client, self._client = self._client, None
         snap, self._snapshot = self._snapshot, None
@@ -282,7 +290,7 @@ class VSphereSource:
             session = VSphereSyncSession(
                 snapshot_id=snap._moId,
                 consistency=consistency,
-                disks=exports,
+                disks=list(exports),
                 full=full,
                 reason="; ".join(reasons),
                 events=events,
@@ -292,6 +300,7 @@ class VSphereSource:
                 _client=client,
                 _snapshot=snap,
                 _disk_state=state,
+                _exports=exports,
             )
             for ev in events:
                 log.info("%s: %s", name, ev)
@@ -411,3 +420,8 @@ def _verified_der(client: VSphereClient) -> bytes:
         ctx.wrap_socket(raw, server_hostname=ep.host) as s,
     ):
         return s.getpeercert(binary_form=True) or b""
+
+
+def _conforms(source: VSphereSource) -> SourceAdapter:
+    """mypy proves here that VSphereSource speaks sources/base.py's interface."""
+    return source

@@ -122,10 +122,12 @@ def _describe(der: bytes) -> tuple[str, str, str, list[str]]:
             names += [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
         except x509.ExtensionNotFound:
             pass
+        # cryptography >= 42 has the timezone-aware property; Debian 12 ships 38.
+        expiry = getattr(cert, "not_valid_after_utc", None) or cert.not_valid_after
         return (
             cert.subject.rfc4514_string(),
             cert.issuer.rfc4514_string(),
-            cert.not_valid_after.isoformat(),
+            expiry.isoformat(),
             names,
         )
     except ValueError:
