@@ -444,3 +444,39 @@ def test_power_off_and_on_for_cutover_and_rollback(vsphere_vm: VsphereVm, tmp_pa
     assert src.stop_machine(vsphere_vm.moref).action == "already-off"
     assert src.start_machine(vsphere_vm.moref).action == "power-on"
     assert vsphere_vm.vm.runtime.powerState == "poweredOn"
+
+
+def test_disk_resized_leads_to_full_resync(
+    vsphere_vm: VsphereVm, protected: tuple[VSphereSource, Chain]
+) -> None:
+    from pyVmomi import vim
+
+    src, chain = protected
+    _, t1, _ = sync(src, vsphere_vm, chain, None)
+    new_size = 160 * MiB
+    disk = vsphere_vm.disk()
+    disk.capacityInKB = new_size // 1024
+    disk.capacityInBytes = new_size
+    vsphere_vm.reconfigure(
+        deviceChange=[vim.vm.device.VirtualDeviceSpec(operation="edit", device=disk)]
+    )
+    with open(vsphere_vm.flat, "r+b") as f:  # the guest's new space, partly written
+        f.truncate(new_size)
+        f.seek(150 * MiB)
+        f.write(os.urandom(MiB))
+    chain.size = new_size
+    s2, t2, _ = sync(src, vsphere_vm, chain, t1)
+    assert s2.full and f"resized from {128 * MiB} to {new_size}" in s2.reason
+    assert s2.disks[0].disk.size == new_size
+    assert chain.equals(vsphere_vm.flat)
+    assert t2["disks"][str(disk.key)]["size"] == new_size
+
+
+def test_stale_ferryman_snapshot_is_removed_with_an_event(
+    vsphere_vm: VsphereVm, protected: tuple[VSphereSource, Chain]
+) -> None:
+    src, chain = protected
+    vsphere_vm.snapshot("ferryman-sync-20260101T000000Z")  # left by a killed sync
+    s, _, _ = sync(src, vsphere_vm, chain, None)
+    assert any("ferryman-sync-20260101T000000Z" in e and "interrupted" in e for e in s.events)
+    assert chain.equals(vsphere_vm.flat)
