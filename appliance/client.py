@@ -104,6 +104,107 @@ class Client:
             params["machine"] = machine
         return list(self._call("GET", "/v1/events", params=params))
 
+    # -- sources --------------------------------------------------------------------------
+
+    def sources(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/sources"))
+
+    def add_source(
+        self,
+        name: str,
+        kind: str,
+        uri: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        params: dict[str, Any] | None = None,
+        thumbprint: str | None = None,
+        insecure: bool = False,
+        test: bool = True,
+    ) -> dict[str, Any]:
+        body = {
+            "name": name,
+            "kind": kind,
+            "uri": uri,
+            "username": username,
+            "password": password,
+            "params": params or {},
+            "thumbprint": thumbprint,
+            "insecure": insecure,
+            "test": test,
+        }
+        return dict(self._call("POST", "/v1/sources", json=body))
+
+    def tls_probe(self, uri: str) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/tls-probe", params={"uri": uri}))
+
+    def test_source(self, name: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/sources/{name}/test"))
+
+    def remove_source(self, name: str) -> dict[str, Any]:
+        return dict(self._call("DELETE", f"/v1/sources/{name}"))
+
+    def discover(self, source: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/sources/{source}/discover"))
+
+    # -- machines -------------------------------------------------------------------------
+
+    def machines(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/machines"))
+
+    def machine(self, name: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/v1/machines/{name}"))
+
+    def protect(
+        self,
+        name: str,
+        *,
+        rpo_seconds: int | None = None,
+        throttle_bps: int | None = None,
+        verify_every_sync: bool | None = None,
+    ) -> dict[str, Any]:
+        body = {
+            "rpo_seconds": rpo_seconds,
+            "throttle_bps": throttle_bps,
+            "verify_every_sync": verify_every_sync,
+        }
+        return dict(self._call("POST", f"/v1/machines/{name}/protect", json=body))
+
+    def unprotect(self, name: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/machines/{name}/unprotect"))
+
+    def set_machine(
+        self,
+        name: str,
+        *,
+        rpo_seconds: int | None = None,
+        throttle_bps: int | None = None,
+        verify_every_sync: bool | None = None,
+        clear_throttle: bool = False,
+    ) -> dict[str, Any]:
+        body = {
+            "rpo_seconds": rpo_seconds,
+            "throttle_bps": throttle_bps,
+            "verify_every_sync": verify_every_sync,
+            "clear_throttle": clear_throttle,
+        }
+        return dict(self._call("PATCH", f"/v1/machines/{name}", json=body))
+
+    def sync(self, name: str, *, full: bool = False) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/machines/{name}/sync", json={"full": full}))
+
+    def restore_points(self, name: str) -> list[dict[str, Any]]:
+        return list(self._call("GET", f"/v1/machines/{name}/restore-points"))
+
+    def delete_restore_point(self, rp_id: int) -> dict[str, Any]:
+        return dict(self._call("DELETE", f"/v1/restore-points/{rp_id}"))
+
+    def verify(self, rp_id: int) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/restore-points/{rp_id}/verify"))
+
+    def audit(self, limit: int = 200) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/audit", params={"limit": limit}))
+
     def probe(self) -> dict[str, Any]:
         return dict(self._call("GET", "/v1/probe"))
 

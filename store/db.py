@@ -180,6 +180,10 @@ def write_txn(db: Database) -> Iterator[Database]:
     "database is locked" when another connection committed in between (busy_timeout does
     not help). IMMEDIATE waits for the lock instead.
     """
+    if db.conn.in_transaction:  # nested: a savepoint inside the outer transaction
+        with db.atomic():
+            yield db
+        return
     db.execute("BEGIN IMMEDIATE")
     try:
         yield db

@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from appliance import __version__
+from appliance import __version__, inventory
 from appliance.daemon.state import DaemonState
 from appliance.errors import FerrymanError, NotFound
 
@@ -21,6 +21,34 @@ class JobRequest(BaseModel):
     kind: str = Field(description="job kind, e.g. 'probe', 'sync'")
     machine: str | None = Field(default=None, description="machine name or id")
     params: dict[str, Any] = Field(default_factory=dict)
+
+
+class SourceRequest(BaseModel):
+    name: str = Field(min_length=1, max_length=63)
+    kind: str = Field(description="libvirt | nbd | vsphere | linux-agent")
+    uri: str = Field(min_length=1, max_length=1024)
+    username: str | None = Field(default=None, max_length=256)
+    password: str | None = Field(
+        default=None, max_length=4096, description="kept encrypted; never returned"
+    )
+    params: dict[str, Any] = Field(default_factory=dict)
+    thumbprint: str | None = Field(default=None, description="SHA-256 the operator confirmed")
+    insecure: bool = False
+    test: bool = Field(default=True, description="reach the source before saving")
+
+
+class ProtectRequest(BaseModel):
+    rpo_seconds: int | None = Field(default=None, ge=60)
+    throttle_bps: int | None = Field(default=None, ge=65536)
+    verify_every_sync: bool | None = None
+
+
+class MachineSettings(ProtectRequest):
+    clear_throttle: bool = False
+
+
+class SyncRequest(BaseModel):
+    full: bool = False
 
 
 class ErrorBody(BaseModel):
@@ -98,6 +126,130 @@ def create_app(state: DaemonState) -> FastAPI:
     ) -> list[dict[str, Any]]:
         machine_id = state.machine_id(machine) if machine else None
         return state.events(since_id=since, machine_id=machine_id, limit=limit)
+
+    # -- sources ------------------------------------------------------------------------
+
+    @app.get("/v1/sources")
+    def sources() -> list[dict[str, Any]]:
+        return inventory.list_sources(state.db)
+
+    @app.post("/v1/sources", status_code=201)
+    def add_source(req: SourceRequest, request: Request) -> dict[str, Any]:
+        who, origin = _who(request)
+        params = {"name": req.name, "kind": req.kind, "uri": req.uri, "insecure": req.insecure}
+        try:
+            src = state.add_source(req)
+        except FerrymanError as e:
+            state.audit(who, origin, "source.add", params, f"refused: {e.message}")
+            raise
+        state.audit(who, origin, "source.add", params, "ok")
+        return src
+
+    @app.post("/v1/sources/{name}/test")
+    def test_source(name: str) -> dict[str, Any]:
+        state.adapter(name).test()
+        return {"ok": True, "source": name}
+
+    @app.delete("/v1/sources/{name}")
+    def remove_source(name: str, request: Request) -> dict[str, Any]:
+        who, origin = _who(request)
+        src = inventory.delete_source(state.db, name)
+        state.audit(who, origin, "source.remove", {"name": name}, "ok")
+        return {"removed": src["name"]}
+
+    @app.post("/v1/sources/{name}/discover", status_code=202)
+    def discover(name: str, request: Request) -> dict[str, Any]:
+        who, origin = _who(request)
+        src = inventory.source_row(state.db, name)
+        return state.runner.submit(
+            "discover", params={"source": src["name"]}, who=who, origin=origin
+        )
+
+    @app.get("/v1/tls-probe")
+    def tls_probe(uri: str) -> dict[str, Any]:
+        return state.tls_probe(uri)
+
+    # -- machines -----------------------------------------------------------------------
+
+    @app.get("/v1/machines")
+    def machines() -> list[dict[str, Any]]:
+        return inventory.machines_overview(state.db)
+
+    @app.get("/v1/machines/{name}")
+    def machine(name: str) -> dict[str, Any]:
+        return inventory.machine_detail(state.db, name)
+
+    @app.post("/v1/machines/{name}/protect")
+    def protect(name: str, req: ProtectRequest, request: Request) -> dict[str, Any]:
+        who, origin = _who(request)
+        m = state.protect(name, req)
+        state.audit(who, origin, "machine.protect", {"machine": name, **req.model_dump()}, "ok")
+        return m
+
+    @app.post("/v1/machines/{name}/unprotect")
+    def unprotect(name: str, request: Request) -> dict[str, Any]:
+        who, origin = _who(request)
+        m = inventory.set_protection(state.db, name, protected=False)
+        state.audit(who, origin, "machine.unprotect", {"machine": name}, "ok")
+        return m
+
+    @app.patch("/v1/machines/{name}")
+    def set_machine(name: str, req: MachineSettings, request: Request) -> dict[str, Any]:
+        who, origin = _who(request)
+        m = inventory.set_protection(
+            state.db,
+            name,
+            rpo_seconds=req.rpo_seconds,
+            throttle_bps=req.throttle_bps,
+            verify_every_sync=req.verify_every_sync,
+            clear_throttle=req.clear_throttle,
+        )
+        # A running sync follows the new throttle at once.
+        state.runner.set_live(m["id"], throttle_bps=m["throttle_bps"])
+        state.audit(who, origin, "machine.set", {"machine": name, **req.model_dump()}, "ok")
+        return m
+
+    @app.post("/v1/machines/{name}/sync", status_code=202)
+    def sync(name: str, req: SyncRequest, request: Request) -> dict[str, Any]:
+        who, origin = _who(request)
+        m = inventory.machine_row(state.db, name)
+        return state.runner.submit(
+            "sync", machine_id=m["id"], params={"full": req.full}, who=who, origin=origin
+        )
+
+    @app.get("/v1/machines/{name}/restore-points")
+    def restore_points(name: str) -> list[dict[str, Any]]:
+        m = inventory.machine_row(state.db, name)
+        return inventory.restore_points(state.db, m["id"])
+
+    @app.delete("/v1/restore-points/{rp_id}")
+    def delete_restore_point(rp_id: int, request: Request) -> dict[str, Any]:
+        who, origin = _who(request)
+        out = state.delete_restore_point(rp_id)
+        state.audit(who, origin, "restore_point.delete", {"id": rp_id}, "ok")
+        return out
+
+    @app.post("/v1/restore-points/{rp_id}/verify", status_code=202)
+    def verify(rp_id: int, request: Request) -> dict[str, Any]:
+        who, origin = _who(request)
+        row = state.db.execute(
+            "SELECT machine_id FROM restore_points WHERE id=?", [rp_id]
+        ).fetchone()
+        if row is None:
+            raise NotFound(
+                f"no restore point {rp_id}", hint="list them with: ferryman points MACHINE"
+            )
+        return state.runner.submit(
+            "verify", machine_id=row[0], params={"restore_point": rp_id}, who=who, origin=origin
+        )
+
+    @app.get("/v1/audit")
+    def audit_log(limit: int = 200) -> list[dict[str, Any]]:
+        cols = ["id", "ts", "who", "origin", "action", "params", "result"]
+        rows = state.db.execute(
+            f"SELECT {', '.join(cols)} FROM audit ORDER BY id DESC LIMIT ?", [limit]
+        ).fetchall()
+        return [dict(zip(cols, r, strict=True)) for r in reversed(rows)]
 
     @app.get("/v1/probe")
     def probe_verdict() -> dict[str, Any]:

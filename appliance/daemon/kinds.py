@@ -22,6 +22,25 @@ def run_probe(ctx: JobContext) -> dict[str, Any]:
     return verdict
 
 
+def run_discover(ctx: JobContext) -> dict[str, Any]:
+    """Ask the source for its machines and record them (refresh on demand)."""
+    from appliance import inventory
+    from appliance.daemon.state import adapter_for
+
+    name = ctx.params["source"]
+    src = inventory.source_row(ctx.db, name)
+    ctx.progress.set_phase(f"discovering machines on {src['name']}")
+    found = adapter_for(ctx.db, src).discover()
+    ctx.check_cancel()
+    counts = inventory.record_discovery(ctx.db, src["id"], found)
+    ctx.event(
+        f"discovery on {src['name']}: {len(found)} machines ({counts['added']} new, "
+        f"{counts['missing']} missing)",
+        kind="source",
+    )
+    return {"source": src["name"], "machines": len(found), **counts}
+
+
 def all_specs() -> list[JobSpec]:
     return [
         JobSpec(

@@ -10,10 +10,25 @@ from typing import Any
 
 from sqlite_utils import Database
 
+from appliance import inventory
+from appliance.config import paths
 from appliance.daemon.jobs import JobRunner
-from appliance.errors import NotFound
-from store.db import now, schema_version
-from store.records import audit, events, get_setting
+from appliance.errors import Conflict, NotFound
+from appliance.sources.base import SourceAdapter
+from appliance.sources.registry import make_adapter, tls_probe
+from store.db import now, schema_version, write_txn
+from store.records import add_event, audit, events, get_setting
+from store.secrets import KEY_NAME, Vault
+
+
+def adapter_for(db: Database, src: dict[str, Any]) -> SourceAdapter:
+    """The adapter of a source row; its password is read from the vault only when used."""
+    cred_id = src.get("credential_id")
+    if not cred_id:
+        return make_adapter(src, None, "")
+    vault = Vault(paths().db.parent / KEY_NAME)
+    username, _ = vault.get(db, cred_id)
+    return make_adapter(src, lambda: vault.get(db, cred_id)[1], username)
 
 
 class DaemonState:
@@ -27,6 +42,8 @@ class DaemonState:
         self.started_at = now()
         self._local = threading.local()
         self.schema = schema_version(self.db)
+        self.vault = Vault(db_path.parent / KEY_NAME)
+        self.paths = paths()
 
     @property
     def db(self) -> Database:
@@ -43,6 +60,82 @@ class DaemonState:
         if row is None:
             raise NotFound(f"no machine '{machine}'", hint="list machines with: ferryman machines")
         return int(row[0])
+
+    # -- sources -----------------------------------------------------------------------
+
+    def adapter(self, name: str) -> SourceAdapter:
+        return adapter_for(self.db, inventory.source_row(self.db, name))
+
+    def add_source(self, req: Any) -> dict[str, Any]:
+        inventory.validate_name(req.name, "source")
+        inventory.validate_source(req.kind, req.uri)
+        if req.kind == "vsphere" and not req.password:
+            raise inventory.InventoryError(
+                f"source '{req.name}' needs a password", hint="give the vCenter user's password"
+            )
+        if req.kind == "vsphere" and not (req.thumbprint or req.insecure):
+            cert = tls_probe(req.uri)
+            if not cert["verified_by_ca"]:
+                raise Conflict(
+                    f"the certificate of {req.uri} is not trusted by the system CAs "
+                    f"(SHA-256 {cert['thumbprint']})",
+                    hint="check it with the vCenter administrator, then add the source again "
+                    "with --thumbprint " + cert["thumbprint"],
+                )
+        if req.test:
+            src = {
+                "name": req.name,
+                "kind": req.kind,
+                "uri": req.uri,
+                "params": req.params,
+                "tls_thumbprint": req.thumbprint,
+                "insecure": req.insecure,
+            }
+            pw = req.password
+            make_adapter(src, (lambda: pw) if pw else None, req.username or "").test()
+        cred_id = None
+        with write_txn(self.db):
+            if req.password:
+                cred_id = self.vault.put(
+                    self.db, f"source {req.name}", req.username or "", req.password
+                )
+            row = inventory.insert_source(
+                self.db,
+                name=req.name,
+                kind=req.kind,
+                uri=req.uri,
+                params=req.params,
+                credential_id=cred_id,
+                thumbprint=req.thumbprint,
+                insecure=req.insecure,
+            )
+        if req.insecure:
+            add_event(
+                self.db,
+                f"source {req.name} added in INSECURE TLS mode (no certificate check)",
+                level="warning",
+                kind="source",
+            )
+        return inventory.list_sources_by_name(self.db, row["name"])
+
+    def tls_probe(self, uri: str) -> dict[str, Any]:
+        return tls_probe(uri)
+
+    def protect(self, name: str, req: Any) -> dict[str, Any]:
+        m = inventory.machine_row(self.db, name)
+        return inventory.set_protection(
+            self.db,
+            str(m["id"]),
+            protected=True,
+            rpo_seconds=req.rpo_seconds,
+            throttle_bps=req.throttle_bps,
+            verify_every_sync=req.verify_every_sync,
+        )
+
+    def delete_restore_point(self, rp_id: int) -> dict[str, Any]:
+        from appliance import replication
+
+        return replication.delete_restore_point(self.db, rp_id)
 
     def probe_verdict(self) -> dict[str, Any] | None:
         v: dict[str, Any] | None = get_setting(self.db, "probe")
