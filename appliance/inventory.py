@@ -209,9 +209,9 @@ def record_discovery(db: Database, source_id: int, found: list[MachineInfo]) -> 
                     "label=excluded.label, details=excluded.details",
                     [mid, d.key, d.size, d.label, dumps(d.details)],
                 )
+            key_marks = ",".join("?" * len(keys)) or "''"
             db.execute(
-                f"DELETE FROM disks WHERE machine_id=? AND key NOT IN "
-                f"({','.join('?' * len(keys)) or "''"})",
+                f"DELETE FROM disks WHERE machine_id=? AND key NOT IN ({key_marks})",
                 [mid, *keys],
             )
         marks = ",".join("?" * len(seen)) or "''"
