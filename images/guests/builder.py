@@ -1,0 +1,372 @@
+"""Offline, cached builds of the test guests that the conversion tests and benchmark boot.
+
+Why this shape: a guest image takes minutes to build under TCG and the tests need the same
+bytes every time, so every image is cached outside the clone under
+``${FERRYMAN_CACHE:-/var/cache/ferryman}/images/`` and keyed by a hash of the recipe files that
+produce it. Change a recipe file and the next call rebuilds; otherwise the call is a lookup.
+
+Two stages:
+
+1. ``rootfs``: ``debootstrap --variant=minbase`` of Debian 12 plus packages.txt from the mirror
+   apt uses, packed as a tarball (the only stage that needs the network; the downloaded .debs are
+   cached as a debootstrap tarball too). Initramfs work happens here, in a chroot on the host,
+   at native speed.
+2. per guest: the rootfs is customised on the host (files from the guest's recipe folder), then
+   libguestfs partitions a fresh qcow2, copies the tree in and runs grub-install/grub-mkconfig
+   inside the guest (LVM needs device-mapper, which only the libguestfs appliance has here).
+
+Callers use :func:`build` (Python) or ``images/guests/build NAME`` (prints the image path).
+Images are handed out read-only: tests put a qcow2 overlay on top and never write the base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+SUITE = "bookworm"
+GUESTS = ("vmware-like", "lvm-static", "windows-phony")
+DISK_SIZE = 3 * 1024**3  # bytes; minbase + kernel + open-vm-tools fill ~700 MiB
+BOOT_SIZE_MIB = 300  # separate /boot of lvm-static; two kernels + initramfs fit in 300 MiB
+# Files that shape every Debian guest; a change to any of them rebuilds all of them.
+COMMON_RECIPE = ("packages.txt", "common")
+# Bump when a change to this file's build steps changes the images it makes (the layout
+# constants below are hashed too); plain refactoring does not need to rebuild anything.
+LAYOUT_VERSION = 1
+
+
+class BuildError(Exception):
+    """An image could not be built; the message names the stage and the log to read."""
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("FERRYMAN_CACHE", "/var/cache/ferryman"))
+    d = root / "images"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _hash_paths(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+        for f in files:
+            h.update(str(f.relative_to(HERE)).encode())
+            h.update(b"\0")
+            h.update(f.read_bytes())
+            h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def recipe_key(name: str) -> str:
+    """Hash of every file that goes into image ``name``."""
+    paths = [HERE / p for p in COMMON_RECIPE if (HERE / p).exists()]
+    paths.append(HERE / name)
+    layout = repr((LAYOUT_VERSION, DISK_SIZE, BOOT_SIZE_MIB, UUIDS.get(name)))
+    return hashlib.sha256((_hash_paths(paths) + layout).encode()).hexdigest()[:16]
+
+
+def _rootfs_key() -> str:
+    return _hash_paths([HERE / "packages.txt", HERE / "common" / "rootfs.sh"])
+
+
+def apt_mirror() -> str:
+    """The Debian mirror apt already uses (deb822 sources first, then sources.list)."""
+    candidates = sorted(Path("/etc/apt/sources.list.d").glob("*.sources"))
+    for src in candidates:
+        for line in src.read_text().splitlines():
+            if line.startswith("URIs:"):
+                uri = line.split()[1]
+                if uri.rstrip("/").endswith("/debian"):
+                    return uri
+    legacy = Path("/etc/apt/sources.list")
+    if legacy.exists():
+        for line in legacy.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[0] == "deb" and parts[1].rstrip("/").endswith("/debian"):
+                return parts[1]
+    return "http://deb.debian.org/debian"
+
+
+def _run(cmd: list[str], logf: Path, **kw: object) -> None:
+    log.debug("run %s", cmd)
+    with logf.open("a") as out:
+        out.write(f"\n$ {' '.join(cmd)}\n")
+        out.flush()
+        r = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, check=False, **kw)  # type: ignore[call-overload]
+    if r.returncode != 0:
+        raise BuildError(f"{cmd[0]} failed with status {r.returncode}; see {logf}")
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    import fcntl
+
+    with path.open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _packages() -> list[str]:
+    lines = (HERE / "packages.txt").read_text().splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
+def rootfs_tarball() -> Path:
+    """The Debian 12 minbase root tree with packages.txt installed, as a .tar (cached)."""
+    cache = cache_dir()
+    key = _rootfs_key()
+    out = cache / f"rootfs-{SUITE}-{key}.tar"
+    if out.exists():
+        return out
+    with _lock(cache / ".rootfs.lock"):
+        if out.exists():
+            return out
+        logf = cache / f"rootfs-{SUITE}-{key}.log"
+        logf.write_text("")
+        debs = cache / f"debootstrap-{SUITE}-{key}.tgz"
+        include = ",".join(_packages())
+        work = Path(tempfile.mkdtemp(prefix="ferryman-rootfs-", dir=cache))
+        try:
+            target = work / "root"
+            if not debs.exists():
+                _run(
+                    [
+                        "debootstrap",
+                        "--variant=minbase",
+                        f"--include={include}",
+                        f"--make-tarball={debs}.part",
+                        SUITE,
+                        str(work / "dl"),
+                        apt_mirror(),
+                    ],
+                    logf,
+                )
+                os.rename(f"{debs}.part", debs)
+            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+            _run(
+                [
+                    "debootstrap",
+                    "--variant=minbase",
+                    f"--include={include}",
+                    f"--unpack-tarball={debs}",
+                    SUITE,
+                    str(target),
+                    apt_mirror(),
+                ],
+                logf,
+                env=env,
+            )
+            _run(["bash", str(HERE / "common" / "rootfs.sh"), str(target)], logf, env=env)
+            _run(["tar", "-C", str(target), "--numeric-owner", "-cf", f"{out}.part", "."], logf)
+            os.rename(f"{out}.part", out)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+# Fixed filesystem UUIDs: the images are reproducible and tests can name them.
+UUIDS = {
+    "vmware-like": {"root": "5e1f2a3b-0c4d-4e5f-8a9b-000000000001"},
+    "lvm-static": {
+        "root": "5e1f2a3b-0c4d-4e5f-8a9b-000000000002",
+        "boot": "5e1f2a3b-0c4d-4e5f-8a9b-000000000003",
+    },
+}
+
+
+def _guest_tree_tar(name: str, work: Path, logf: Path) -> Path:
+    """Unpack the rootfs, apply common and guest recipes on the host, pack it again."""
+    tree = work / "tree"
+    tree.mkdir()
+    _run(["tar", "-C", str(tree), "--numeric-owner", "-xf", str(rootfs_tarball())], logf)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    _run(["bash", str(HERE / "common" / "customize.sh"), str(tree)], logf, env=env)
+    _run(["bash", str(HERE / name / "customize.sh"), str(tree)], logf, env=env)
+    _run(["bash", str(HERE / "common" / "initramfs.sh"), str(tree)], logf, env=env)
+    out = work / "tree.tar"
+    _run(["tar", "-C", str(tree), "--numeric-owner", "-cf", str(out), "."], logf)
+    shutil.rmtree(tree)
+    return out
+
+
+def _guestfs_handle(disk: Path) -> object:
+    import guestfs
+
+    g = guestfs.GuestFS(python_return_dict=True)
+    g.set_backend(os.environ.get("LIBGUESTFS_BACKEND", "direct"))
+    g.add_drive_opts(str(disk), format="qcow2", readonly=False)
+    g.launch()
+    return g
+
+
+def _install_grub(g: object, logf: Path) -> None:
+    for cmd in (
+        ["grub-install", "--target=i386-pc", "/dev/sda"],
+        ["grub-mkconfig", "-o", "/boot/grub/grub.cfg"],
+    ):
+        out = g.command(cmd)  # type: ignore[attr-defined]
+        with logf.open("a") as f:
+            f.write(f"\n$ (guest) {' '.join(cmd)}\n{out}\n")
+
+
+def _build_debian(name: str, out: Path, work: Path, logf: Path) -> None:
+    import guestfs
+
+    tar = _guest_tree_tar(name, work, logf)
+    disk = work / "disk.qcow2"
+    guestfs.GuestFS().disk_create(str(disk), "qcow2", DISK_SIZE)
+    g = _guestfs_handle(disk)
+    uuids = UUIDS[name]
+    try:
+        g.part_init("/dev/sda", "mbr")  # type: ignore[attr-defined]
+        if name == "vmware-like":
+            g.part_add("/dev/sda", "p", 2048, -1)  # type: ignore[attr-defined]
+            g.part_set_bootable("/dev/sda", 1, True)  # type: ignore[attr-defined]
+            g.mke2fs("/dev/sda1", fstype="ext4", uuid=uuids["root"], label="root")  # type: ignore[attr-defined]
+            g.mount("/dev/sda1", "/")  # type: ignore[attr-defined]
+        else:
+            boot_end = 2048 + BOOT_SIZE_MIB * 2048 - 1
+            g.part_add("/dev/sda", "p", 2048, boot_end)  # type: ignore[attr-defined]
+            g.part_add("/dev/sda", "p", boot_end + 1, -1)  # type: ignore[attr-defined]
+            g.part_set_bootable("/dev/sda", 1, True)  # type: ignore[attr-defined]
+            g.part_set_mbr_id("/dev/sda", 2, 0x8E)  # type: ignore[attr-defined]
+            g.pvcreate("/dev/sda2")  # type: ignore[attr-defined]
+            g.vgcreate("vg0", ["/dev/sda2"])  # type: ignore[attr-defined]
+            g.lvcreate_free("root", "vg0", 100)  # type: ignore[attr-defined]
+            g.mke2fs("/dev/vg0/root", fstype="ext4", uuid=uuids["root"], label="root")  # type: ignore[attr-defined]
+            g.mke2fs("/dev/sda1", fstype="ext4", uuid=uuids["boot"], label="boot")  # type: ignore[attr-defined]
+            g.mount("/dev/vg0/root", "/")  # type: ignore[attr-defined]
+            g.mkdir("/boot")  # type: ignore[attr-defined]
+            g.mount("/dev/sda1", "/boot")  # type: ignore[attr-defined]
+        g.tar_in(str(tar), "/")  # type: ignore[attr-defined]
+        _install_grub(g, logf)
+        g.sync()  # type: ignore[attr-defined]
+        g.umount_all()  # type: ignore[attr-defined]
+        g.shutdown()  # type: ignore[attr-defined]
+    finally:
+        g.close()  # type: ignore[attr-defined]
+    os.rename(disk, out)
+
+
+def _build_windows(out: Path, work: Path, logf: Path) -> None:
+    """libguestfs's phony Windows: NTFS, SOFTWARE and SYSTEM hives, a PE32+ cmd.exe."""
+    import guestfs
+
+    sys_path = str(HERE / "windows-phony")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("minhive", f"{sys_path}/minhive.py")
+    assert spec and spec.loader
+    minhive = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(minhive)
+    hives = {}
+    for hive, prefix in (
+        ("SOFTWARE", "HKEY_LOCAL_MACHINE\\SOFTWARE"),
+        ("SYSTEM", "HKEY_LOCAL_MACHINE\\SYSTEM"),
+    ):
+        path = work / hive
+        path.write_bytes(minhive.minimal_hive())
+        _run(
+            [
+                "hivexregedit",
+                "--merge",
+                str(path),
+                "--prefix",
+                prefix,
+                str(HERE / "windows-phony" / f"{hive.lower()}.reg"),
+            ],
+            logf,
+        )
+        hives[hive] = path
+    exe = work / "cmd.exe"
+    exe.write_bytes(minhive.minimal_pe64())
+    disk = work / "disk.qcow2"
+    guestfs.GuestFS().disk_create(str(disk), "qcow2", 1024**3)
+    g = _guestfs_handle(disk)
+    try:
+        g.part_init("/dev/sda", "mbr")  # type: ignore[attr-defined]
+        g.part_add("/dev/sda", "p", 2048, 206847)  # type: ignore[attr-defined]
+        g.part_add("/dev/sda", "p", 206848, -1)  # type: ignore[attr-defined]
+        g.part_set_bootable("/dev/sda", 1, True)  # type: ignore[attr-defined]
+        g.part_set_mbr_id("/dev/sda", 1, 0x07)  # type: ignore[attr-defined]
+        g.part_set_mbr_id("/dev/sda", 2, 0x07)  # type: ignore[attr-defined]
+        # Disk signature that the SYSTEM hive's MountedDevices entry for C: names.
+        g.pwrite_device("/dev/sda", b"1234", 0x1B8)  # type: ignore[attr-defined]
+        g.mkfs("ntfs", "/dev/sda1", label="System Reserved")  # type: ignore[attr-defined]
+        g.mkfs("ntfs", "/dev/sda2", label="Windows")  # type: ignore[attr-defined]
+        g.mount("/dev/sda2", "/")  # type: ignore[attr-defined]
+        g.mkdir_p("/Windows/System32/Config")  # type: ignore[attr-defined]
+        g.mkdir_p("/Windows/System32/Drivers")  # type: ignore[attr-defined]
+        g.mkdir_p("/Windows/Temp")  # type: ignore[attr-defined]
+        g.mkdir_p("/Program Files")  # type: ignore[attr-defined]
+        g.mkdir_p("/ProgramData")  # type: ignore[attr-defined]
+        for hive, path in hives.items():
+            g.upload(str(path), f"/Windows/System32/Config/{hive}")  # type: ignore[attr-defined]
+        g.upload(str(exe), "/Windows/System32/cmd.exe")  # type: ignore[attr-defined]
+        g.touch("/autoexec.bat")  # type: ignore[attr-defined]
+        g.sync()  # type: ignore[attr-defined]
+        g.umount_all()  # type: ignore[attr-defined]
+        g.shutdown()  # type: ignore[attr-defined]
+    finally:
+        g.close()  # type: ignore[attr-defined]
+    os.rename(disk, out)
+
+
+def image_path(name: str) -> Path:
+    """Where image ``name`` of the current recipe lives (whether built or not)."""
+    if name not in GUESTS:
+        raise BuildError(f"unknown test guest {name!r}; known: {', '.join(GUESTS)}")
+    return cache_dir() / f"{name}-{recipe_key(name)}.qcow2"
+
+
+def build(name: str) -> Path:
+    """Return the cached image of guest ``name``, building it first if its recipe changed.
+
+    The file is left read-only: put an overlay on it (qemu-img create -b IMG -F qcow2).
+    """
+    out = image_path(name)
+    if out.exists():
+        return out
+    cache = cache_dir()
+    with _lock(cache / f".{name}.lock"):
+        if out.exists():
+            return out
+        logf = out.with_suffix(".log")
+        logf.write_text("")
+        t0 = time.monotonic()
+        work = Path(tempfile.mkdtemp(prefix=f"ferryman-{name}-", dir=cache))
+        try:
+            part = work / "image.qcow2"
+            if name == "windows-phony":
+                _build_windows(part, work, logf)
+            else:
+                _build_debian(name, part, work, logf)
+            part.chmod(0o444)
+            os.rename(part, out)
+        except BuildError:
+            raise
+        except Exception as e:
+            raise BuildError(f"building test guest {name} failed: {e}; see {logf}") from e
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        log.info("built %s in %.0f s: %s", name, time.monotonic() - t0, out)
+        # Older builds of the same guest are superseded by this recipe.
+        for old in [*cache.glob(f"{name}-*.qcow2"), *cache.glob(f"{name}-*.log")]:
+            if old not in (out, logf):
+                old.unlink(missing_ok=True)
+    return out
