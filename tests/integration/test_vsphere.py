@@ -512,3 +512,19 @@ def test_transient_datastore_failure_is_retried(
         f.seek(40 * MiB)
         assert data == f.read(MiB)
     assert waited >= 1.0  # the first attempt failed: the read waited for the retry
+
+
+def test_session_keepalive_runs_during_copy_and_stops_at_release(
+    vsphere_vm: VsphereVm, protected: tuple[VSphereSource, Chain], caplog: pytest.LogCaptureFixture
+) -> None:
+    src, _ = protected
+    src.keepalive = 0.05
+    s = src.open_session(vsphere_vm.moref, None)
+    try:
+        thread = s._keepalive
+        assert thread is not None and thread.is_alive()
+        time.sleep(0.5)  # ~10 keep-alive calls against vcsim
+    finally:
+        s.release()
+    assert not thread.is_alive()
+    assert "keep-alive failed" not in caplog.text

@@ -191,6 +191,10 @@ class VSphereClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def keepalive(self) -> None:
+        """A cheap call that counts as session activity."""
+        self._si.CurrentTime()
+
     @property
     def about(self) -> dict[str, str]:
         a = self.content.about

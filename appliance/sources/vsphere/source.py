@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,6 +48,9 @@ from appliance.sources.vsphere.inventory import VmDisk, disks_of
 log = logging.getLogger(__name__)
 
 TOKEN_VERSION = 1
+# vCenter ends idle sessions after 30 min by default; whether datastore reads count as activity
+# is not documented, so a copy keeps the SOAP session busy itself.
+KEEPALIVE = 300.0  # seconds
 
 
 @dataclass
@@ -97,6 +102,25 @@ class VSphereSyncSession:
     _snapshot: Any = None
     _disk_state: dict[str, dict[str, Any]] = field(default_factory=dict)
     _exports: list[VSphereDiskExport] = field(default_factory=list)
+    _stop_keepalive: threading.Event = field(default_factory=threading.Event)
+    _keepalive: threading.Thread | None = None
+
+    def start_keepalive(self, interval: float = KEEPALIVE) -> None:
+        """Keep the vSphere session (whose cookie nbdkit uses) from idling out mid-copy."""
+        client = self._client
+        if client is None or self._keepalive is not None:
+            return
+
+        def run() -> None:
+            while not self._stop_keepalive.wait(interval):
+                try:
+                    client.keepalive()
+                except Exception as e:  # a dead session shows up as read errors; just log
+                    log.warning("%s: session keep-alive failed: %s", self.vm_name, e)
+
+        self._keepalive = threading.Thread(target=run, name=f"vsphere-keepalive-{self.vm_ref}")
+        self._keepalive.daemon = True
+        self._keepalive.start()
 
     def token(self) -> dict[str, Any]:
         """The changeIds of the snapshot that was copied. Persist only after sealing."""
@@ -112,6 +136,10 @@ class VSphereSyncSession:
     def release(self) -> None:
         """Stop the exports, remove the snapshot, log out. Idempotent; always call it."""
         errors: list[VSphereError] = []
+        self._stop_keepalive.set()
+        if self._keepalive is not None:
+            self._keepalive.join()
+            self._keepalive = None
         for d in self._exports:
             d.export.close()
         client, self._client = self._client, None
@@ -184,6 +212,7 @@ class VSphereSource:
         run_dir: Path | None = None,
         vddk_libdir: str | None = None,
         reader_filters: list[str] | None = None,
+        keepalive: float = KEEPALIVE,
     ) -> None:
         self.endpoint = endpoint
         self._password = password
@@ -191,6 +220,7 @@ class VSphereSource:
         self.vddk_libdir = vddk_libdir
         # Extra nbdkit filters in front of the datastore reader (tests inject faults here).
         self.reader_filters = reader_filters or []
+        self.keepalive = keepalive
 
     def client(self) -> VSphereClient:
         return VSphereClient(self.endpoint, self._password).connect()
@@ -304,6 +334,7 @@ class VSphereSource:
             )
             for ev in events:
                 log.info("%s: %s", name, ev)
+            session.start_keepalive(self.keepalive)
             return session
         except BaseException:
             for e in exports:
@@ -413,8 +444,6 @@ def _verified_der(client: VSphereClient) -> bytes:
         return ssl.PEM_cert_to_DER_cert(pem)
     ep = client.endpoint
     ctx = client.data_context()
-    import socket
-
     with (
         socket.create_connection((ep.host, ep.port), timeout=30) as raw,
         ctx.wrap_socket(raw, server_hostname=ep.host) as s,
