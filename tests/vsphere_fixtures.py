@@ -8,7 +8,8 @@ snapshots. Everything else is vcsim.
 Fixtures (wire into tests/conftest.py with ``from tests.vsphere_fixtures import *``):
 
 - ``vcsim_binary``  (session) path of the built launcher
-- ``vsphere_certs`` (session) two self-signed certificates (A: the one vcsim serves, B: another)
+- ``vsphere_certs`` (session) self-signed certificates: A (served by default), B (another),
+  C (names another host)
 - ``vcsim_factory`` start more launchers (another certificate, port); all stopped at teardown
 - ``vcsim``         a running vcsim with certificate A and a canary password
 - ``vsphere_vm``    a powered-on VM "ferry01" with a 128 MiB flat disk of random data
@@ -67,13 +68,13 @@ class Cert:
     key: Path
 
 
-def _make_cert(d: Path, name: str) -> Cert:
+def _make_cert(d: Path, name: str, san: str = "IP:127.0.0.1,DNS:localhost") -> Cert:
     c, k = d / f"{name}.pem", d / f"{name}.key"
     subprocess.run(
         [
             "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
             "-keyout", str(k), "-out", str(c), "-subj", f"/CN=vcsim-{name}",
-            "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-addext", f"subjectAltName={san}",
             "-addext", "basicConstraints=critical,CA:TRUE",
         ],
         check=True,
@@ -85,7 +86,12 @@ def _make_cert(d: Path, name: str) -> Cert:
 @pytest.fixture(scope="session")
 def vsphere_certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Cert]:
     d = tmp_path_factory.mktemp("vsphere-certs")
-    return {"A": _make_cert(d, "A"), "B": _make_cert(d, "B")}
+    return {
+        "A": _make_cert(d, "A"),
+        "B": _make_cert(d, "B"),
+        # C names another host: pinned control-plane works, libcurl's host check must refuse
+        "C": _make_cert(d, "C", san="DNS:vcsim.invalid"),
+    }
 
 
 @dataclass

@@ -528,3 +528,31 @@ def test_session_keepalive_runs_during_copy_and_stops_at_release(
         s.release()
     assert not thread.is_alive()
     assert "keep-alive failed" not in caplog.text
+
+
+def test_ca_mode_insecure_mode_and_a_certificate_for_another_host(
+    vsphere_vm: VsphereVm, vcsim_factory: Callable[..., Vcsim], vsphere_certs: Any, tmp_path: Path
+) -> None:
+    v = vsphere_vm.vcsim
+    # "ca" with an enterprise CA bundle: verified chain AND host name on both paths.
+    ca = TlsPolicy(mode="ca", cafile=str(vsphere_certs["A"].cert))
+    for host in ("127.0.0.1", "localhost"):
+        src = VSphereSource(
+            Endpoint(host=host, port=v.port, user=v.user, tls=ca), Secret(v.password)
+        )
+        assert src.preflight(vsphere_vm.moref).ok
+    # insecure: only when asked for; works, and says so in the stored endpoint.
+    ep = Endpoint(host=v.host, port=v.port, user=v.user, tls=TlsPolicy(mode="insecure"))
+    assert ep.to_dict()["tls"]["mode"] == "insecure"
+    assert VSphereSource(ep, Secret(v.password)).preflight(vsphere_vm.moref).ok
+
+    # A server whose certificate names another host: the pin admits the control plane, but
+    # libcurl would refuse the host name, so preflight refuses before any snapshot.
+    other = vcsim_factory(cert="C")
+    vm2 = create_vm(other, "ferry02", 8 * MiB)
+    src = source_for(other, tmp_path)
+    report = src.preflight(vm2.moref)
+    assert not report.ok
+    (reason,) = report.reasons
+    assert "certificate fails verification" in reason and "name the certificate carries" in reason
+    assert vm_snapshots(vm2) == []
