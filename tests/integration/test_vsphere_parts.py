@@ -45,6 +45,14 @@ def test_endpoint_never_holds_a_password() -> None:
         Endpoint.from_url("http://vc01", "root")
 
 
+def test_endpoint_from_a_store_record() -> None:
+    pinned = Endpoint.from_record("https://esx01", "root", thumbprint=FP.lower())
+    assert pinned.tls == TlsPolicy.pinned(FP) and pinned.port == 443
+    assert Endpoint.from_record("https://esx01", "root", insecure=True).tls.mode == "insecure"
+    ca = Endpoint.from_record("https://vc:8443", "svc", cafile="/etc/ferryman/ca.pem")
+    assert (ca.tls.mode, ca.tls.cafile, ca.port) == ("ca", "/etc/ferryman/ca.pem", 8443)
+
+
 def test_secret_masks_itself() -> None:
     s = Secret("hunter2-canary")
     assert "hunter2" not in repr(s) and "hunter2" not in str(s) and "hunter2" not in f"{s}"

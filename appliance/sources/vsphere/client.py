@@ -90,6 +90,25 @@ class Endpoint:
             raise ValueError("put the password in the credential store, not in the URL")
         return cls(host=u.hostname, user=user, port=u.port or 443, tls=policy or vtls.TlsPolicy())
 
+    @classmethod
+    def from_record(
+        cls,
+        uri: str,
+        user: str,
+        *,
+        thumbprint: str | None = None,
+        insecure: bool = False,
+        cafile: str | None = None,
+    ) -> Endpoint:
+        """From a sources-table row (uri, params.user, tls_thumbprint, insecure)."""
+        if insecure:
+            policy = vtls.TlsPolicy(mode="insecure")
+        elif thumbprint:
+            policy = vtls.TlsPolicy.pinned(thumbprint)
+        else:
+            policy = vtls.TlsPolicy(mode="ca", cafile=cafile)
+        return cls.from_url(uri, user, policy)
+
     def to_dict(self) -> dict[str, Any]:
         return {"host": self.host, "port": self.port, "user": self.user, "tls": self.tls.to_dict()}
 
