@@ -233,6 +233,17 @@ class VsphereVm:
             d for d in self.vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)
         )
 
+    def flats(self) -> dict[str, Path]:
+        """Disk key -> its -flat.vmdk in vcsim's datastore directory."""
+        from pyVmomi import vim
+
+        out = {}
+        for d in self.vm.config.hardware.device:
+            if isinstance(d, vim.vm.device.VirtualDisk):
+                rel = d.backing.fileName.split("] ", 1)[1].removesuffix(".vmdk")
+                out[str(d.key)] = self.vcsim.datastore / f"{rel}-flat.vmdk"
+        return out
+
     def reconfigure(self, **spec: Any) -> None:
         from pyVmomi import vim
 
@@ -249,7 +260,10 @@ class VsphereVm:
             f.write(data)
 
 
-def create_vm(v: Vcsim, name: str = "ferry01", size: int = DISK_SIZE) -> VsphereVm:
+def create_vm(
+    v: Vcsim, name: str = "ferry01", size: int = DISK_SIZE, extra_disks: tuple[int, ...] = ()
+) -> VsphereVm:
+    """A powered-on VM; its first disk has ``size`` bytes, further disks ``extra_disks``."""
     from pyVmomi import vim
 
     si = v.admin()
@@ -274,6 +288,22 @@ def create_vm(v: Vcsim, name: str = "ferry01", size: int = DISK_SIZE) -> Vsphere
             ),
         ),
     )
+    extra = [
+        dev.VirtualDeviceSpec(
+            operation="add",
+            fileOperation="create",
+            device=dev.VirtualDisk(
+                key=-110 - i,
+                controllerKey=-100,
+                unitNumber=1 + i,
+                capacityInKB=n // 1024,
+                backing=dev.VirtualDisk.FlatVer2BackingInfo(
+                    fileName=f"[LocalDS_0] {name}/{name}_{i + 1}.vmdk", diskMode="persistent"
+                ),
+            ),
+        )
+        for i, n in enumerate(extra_disks)
+    ]
     nic = dev.VirtualDeviceSpec(
         operation="add",
         device=dev.VirtualVmxnet3(
@@ -289,7 +319,7 @@ def create_vm(v: Vcsim, name: str = "ferry01", size: int = DISK_SIZE) -> Vsphere
         memoryMB=1024,
         firmware="efi",
         files=vim.vm.FileInfo(vmPathName=f"[LocalDS_0] {name}"),
-        deviceChange=[ctl, disk, nic],
+        deviceChange=[ctl, disk, *extra, nic],
     )
     vm = _wait(dc.vmFolder.CreateVM_Task(config=spec, pool=pool))
     flat = v.datastore / name / f"{name}-flat.vmdk"
@@ -299,6 +329,11 @@ def create_vm(v: Vcsim, name: str = "ferry01", size: int = DISK_SIZE) -> Vsphere
             f.seek(off)
             f.write(os.urandom(n))
         f.truncate(size)
+    for i, n in enumerate(extra_disks):
+        with open(v.datastore / name / f"{name}_{i + 1}-flat.vmdk", "wb") as f:
+            f.seek(n // 2)
+            f.write(os.urandom(n // 4))
+            f.truncate(n)
     _wait(vm.PowerOnVM_Task())
     return VsphereVm(vcsim=v, name=name, moref=vm._moId, flat=flat, si=si)
 

@@ -16,7 +16,9 @@ from appliance.datapath.sync import sync_session
 from appliance.sources.vsphere import Endpoint, Secret, TlsPolicy, VSphereSource
 from tests.vsphere_fixtures import (  # noqa: F401
     MiB,
+    Vcsim,
     VsphereVm,
+    create_vm,
     vcsim,
     vcsim_binary,
     vcsim_factory,
@@ -83,3 +85,41 @@ def test_full_then_incremental_restore_points_equal_the_datastore_file(
     assert stats[1].bytes_zeroed >= block
     assert stats[1].bytes_written == stats[1].bytes_read - block
     assert stats[2].bytes_read == blocks(14 * MiB + 12345, 300 * 1024) * block
+
+
+def test_two_disks_one_snapshot_one_restore_point(vcsim: Vcsim, tmp_path: Path) -> None:
+    vm = create_vm(vcsim, "multi", 32 * MiB, extra_disks=(16 * MiB,))
+    src = VSphereSource(
+        Endpoint(
+            host=vcsim.host, port=vcsim.port, user=vcsim.user, tls=TlsPolicy.pinned(vcsim.sha256)
+        ),
+        Secret(vcsim.password),
+        run_dir=tmp_path / "run",
+    )
+    src.protect(vm.moref)
+    flats = vm.flats()
+    assert len(flats) == 2
+    chains = {k: DiskChain(tmp_path / "chain" / k) for k in flats}
+    socks = tmp_path / "socks"
+    socks.mkdir()
+    token = None
+    for n in range(2):
+        if n:
+            for f in flats.values():
+                with open(f, "r+b") as fh:
+                    fh.seek(3 * MiB)
+                    fh.write(os.urandom(5000))
+        s = src.open_session(vm.moref, token)
+        try:
+            assert {e.disk.key for e in s.disks} == set(flats)
+            results = sync_session(s, chains, point_name=f"rp{n}", socket_dir=socks)
+            token = s.token()
+        finally:
+            s.release()
+        assert s.full == (n == 0)
+        for res in results:
+            assert res.point is not None
+            assert res.point.snapshot_id == s.snapshot_id  # both disks from ONE snapshot
+            assert same(chains[res.disk_key].path_of(res.point), flats[res.disk_key])
+        if n:
+            assert all(r.stats.bytes_read == 64 * 1024 for r in results)
