@@ -92,6 +92,7 @@ class JobContext:
     cancel: threading.Event
     resumed: bool = False
     live: dict[str, Any] = field(default_factory=dict)  # settings changed while running
+    on_live: Callable[[dict[str, Any]], None] | None = None  # e.g. the copier's throttle
 
     def event(self, message: str, level: str = "info", **details: Any) -> None:
         add_event(
@@ -263,6 +264,8 @@ class JobRunner:
             for r in self._running.values():
                 if r.ctx.machine_id == machine_id:
                     r.ctx.live.update(values)
+                    if r.ctx.on_live is not None:
+                        r.ctx.on_live(values)
 
     def live_progress(self, job_id: int) -> dict[str, Any] | None:
         with self._lock:

@@ -41,6 +41,18 @@ def run_discover(ctx: JobContext) -> dict[str, Any]:
     return {"source": src["name"], "machines": len(found), **counts}
 
 
+def _sync(ctx: JobContext) -> dict[str, Any]:
+    from appliance import replication
+
+    return replication.run_sync(ctx)
+
+
+def _verify(ctx: JobContext) -> dict[str, Any]:
+    from appliance import replication
+
+    return replication.run_verify(ctx)
+
+
 def all_specs() -> list[JobSpec]:
     return [
         JobSpec(
@@ -48,5 +60,19 @@ def all_specs() -> list[JobSpec]:
             run_probe,
             singleton=True,
             description="probe KVM and pick the accelerator for guests and libguestfs",
+        ),
+        JobSpec("discover", run_discover, description="list the machines of a source"),
+        JobSpec(
+            "sync",
+            _sync,
+            resumable=True,
+            needs_machine=True,
+            description="copy a machine's changed blocks into a new restore point",
+        ),
+        JobSpec(
+            "verify",
+            _verify,
+            needs_machine=True,
+            description="re-read a restore point and compare it with its hashes",
         ),
     ]

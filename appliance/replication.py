@@ -1,0 +1,482 @@
+"""Sync orchestration: one sync job makes one restore point of every disk of a machine.
+
+    open source session (one frozen snapshot for all disks)
+      -> per disk: new overlay over the newest point, served by qemu-nbd; copier writes it;
+         extents reach the journal only after a covering flush
+      -> seal every disk (flush, stop writer, qemu-img check, read-only)
+      -> [verify against the snapshot while it exists]
+      -> record the restore point and its commit token in ONE transaction
+      -> release the source snapshot / end the backup job
+
+A crash anywhere before the record leaves no restore point in the store. Disk chains that
+hold a sealed point the store does not know (crash between sealing two disks) are trimmed
+back by ``reconcile`` before the next sync. A sync resumed after a daemon crash reuses its
+journal only when the source still shows the same snapshot; otherwise the partial overlay
+is discarded and the sync starts again from the last restore point: data of two snapshots
+is never mixed (reliability row 20).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+from appliance import inventory
+from appliance.config import paths
+from appliance.daemon.jobs import JobContext
+from appliance.datapath.chain import DiskChain
+from appliance.datapath.copier import Copier
+from appliance.datapath.hashing import HashManifest, ManifestBuilder, hash_export, verify
+from appliance.datapath.throttle import Throttle
+from appliance.datapath.writer import QemuNbd
+from appliance.errors import Conflict, FerrymanError, NotFound
+from appliance.sources.base import SyncSession
+from store.db import dumps, loads, now, write_txn
+from store.records import add_event
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KEEP_POINTS = 14  # a fortnight of daily points; retention merges the oldest
+FULL_COMPARE_EVERY = 10  # every Nth sync compares source and point block by block
+
+
+class ReplicationError(FerrymanError):
+    code = "replication"
+
+
+class StoreJournal:
+    """The copier's Journal: durable extents become rows, committed at once."""
+
+    def __init__(self, db: Database, session_id: int) -> None:
+        self.db = db
+        self.session_id = session_id
+
+    def done(self, disk_key: str, offset: int, length: int) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO sync_extents (session_id, disk_key, offset, length) "
+            "VALUES (?,?,?,?)",
+            [self.session_id, disk_key, offset, length],
+        )
+
+    def extents(self, disk_key: str) -> list[tuple[int, int]]:
+        return [
+            (o, n)
+            for o, n in self.db.execute(
+                "SELECT offset, length FROM sync_extents WHERE session_id=? AND disk_key=? "
+                "ORDER BY offset",
+                [self.session_id, disk_key],
+            )
+        ]
+
+
+def machine_dir(machine_id: int) -> Path:
+    return paths().volume_dir / f"machine-{machine_id}"
+
+
+def writer_dir() -> Path:
+    return paths().run_dir / "writers"
+
+
+def point_name(session_id: int) -> str:
+    """The chain point name of a restore point: its sync session, so a resume finds it."""
+    return f"rp{session_id:06d}"
+
+
+def newest_point(db: Database, machine_id: int) -> dict[str, Any] | None:
+    rps = inventory.restore_points(db, machine_id)
+    return rps[-1] if rps else None
+
+
+def reconcile(db: Database, machine_id: int, chains: dict[str, DiskChain]) -> list[str]:
+    """Trim chain points the store never recorded (a crash between sealing and recording)."""
+    known = {
+        point_name(int(s))
+        for (s,) in db.execute(
+            "SELECT session_id FROM restore_points WHERE machine_id=? AND state='sealed'",
+            [machine_id],
+        )
+    }
+    out = []
+    for key, chain in chains.items():
+        out += [f"{key}: {x}" for x in chain.recover()]
+        while (p := chain.newest()) is not None and p.name not in known:
+            chain.delete_newest()
+            out.append(f"{key}: removed unrecorded point {p.name}")
+    return out
+
+
+def _session_row(
+    ctx: JobContext, machine_id: int, session: SyncSession, parent_rp: int | None
+) -> tuple[int, bool]:
+    """Resume the interrupted sync of the same snapshot, or start a new session row."""
+    db = ctx.db
+    row = db.execute(
+        "SELECT id, snapshot_id FROM sync_sessions WHERE machine_id=? AND "
+        "state='copying' ORDER BY id DESC LIMIT 1",
+        [machine_id],
+    ).fetchone()
+    if row and row[1] == session.snapshot_id:
+        ctx.event(f"resuming sync session {row[0]} of snapshot {session.snapshot_id}")
+        return int(row[0]), True
+    if row:
+        db.execute(
+            "UPDATE sync_sessions SET state='abandoned', ended_at=? WHERE id=?", [now(), row[0]]
+        )
+        ctx.event(
+            f"sync session {row[0]} cannot resume: its source snapshot {row[1]} is gone "
+            f"(the source now shows {session.snapshot_id}); starting again from the last "
+            "restore point",
+            level="warning",
+        )
+    cur = db.execute(
+        "INSERT INTO sync_sessions (machine_id, job_id, snapshot_id, parent_rp_id, full, "
+        "reason, state, started_at) VALUES (?,?,?,?,?,?,'copying',?)",
+        [
+            machine_id,
+            ctx.job_id,
+            session.snapshot_id,
+            parent_rp,
+            int(session.full),
+            session.reason,
+            now(),
+        ],
+    )
+    return int(cur.lastrowid or 0), False
+
+
+def _manifest_path(chain: DiskChain, point: str) -> Path:
+    return chain.dir / f"{point}.manifest.json"
+
+
+def run_sync(ctx: JobContext) -> dict[str, Any]:
+    db = ctx.db
+    assert ctx.machine_id is not None
+    m = inventory.machine_row(db, str(ctx.machine_id))
+    if m["cutover_done"]:
+        raise ReplicationError(
+            f"'{m['name']}' was cut over; it is not replicated any more", hint="nothing to do"
+        )
+    src = inventory.source_row(db, str(m["source_id"]))
+    from appliance.daemon.state import adapter_for
+
+    adapter = adapter_for(db, src)
+    prev = newest_point(db, m["id"])
+    want_full = bool(ctx.params.get("full")) or prev is None
+    ctx.progress.set_phase("opening a source snapshot")
+    source_time = now()
+    session = adapter.open_session(m["ref"], None if want_full else prev["token"] if prev else None)
+    try:
+        return _sync(ctx, m, src, prev, session, source_time, want_full)
+    finally:
+        try:
+            session.release()
+        except Exception as e:  # never hide the sync's own error behind a release error
+            log.warning("releasing the source snapshot of %s failed: %s", m["name"], e)
+            ctx.event(f"could not release the source snapshot of {m['name']}: {e}", level="warning")
+
+
+def _sync(
+    ctx: JobContext,
+    m: dict[str, Any],
+    src: dict[str, Any],
+    prev: dict[str, Any] | None,
+    session: SyncSession,
+    source_time: str,
+    want_full: bool,
+) -> dict[str, Any]:
+    db = ctx.db
+    if session.full and not want_full:
+        ctx.event(f"full resync of {m['name']}: {session.reason}", level="warning")
+    sid, resumed = _session_row(ctx, m["id"], session, prev["id"] if prev else None)
+    journal = StoreJournal(db, sid)
+    name = point_name(sid)
+    mdir = machine_dir(m["id"])
+    chains = {d.disk.key: DiskChain(mdir / d.disk.key) for d in session.disks}
+    for line in reconcile(db, m["id"], chains):
+        ctx.event(f"{m['name']}: {line}", level="warning")
+    prev_disks = {d["disk_key"]: d for d in (prev["disks"] if prev else [])}
+    throttle = Throttle(m["throttle_bps"])
+    ctx.on_live = lambda v: throttle.set_rate(v.get("throttle_bps"))
+    sync_no = (
+        db.execute("SELECT count(*) FROM restore_points WHERE machine_id=?", [m["id"]]).fetchone()[
+            0
+        ]
+        + 1
+    )
+    compare = (
+        bool(m["verify_every_sync"])
+        or sync_no % FULL_COMPARE_EVERY == 0
+        or bool(ctx.params.get("verify"))
+    )
+    disks_out: list[dict[str, Any]] = []
+    totals = {
+        "bytes_read": 0,
+        "bytes_written": 0,
+        "bytes_zeroed": 0,
+        "bytes_skipped_resume": 0,
+        "bytes_unchanged": 0,
+    }
+    verified: str | None = None
+    for i, d in enumerate(session.disks):
+        key = d.disk.key
+        chain = chains[key]
+        ctx.check_cancel()
+        ctx.progress.set_phase(f"copying disk {key} ({i + 1}/{len(session.disks)})", disk=key)
+        ov = chain.begin(name, session.snapshot_id, d.disk.size)
+        hasher = None
+        if d.mode == "compare":
+            pd = prev_disks.get(key)
+            if pd is None or not pd.get("manifest") or not Path(pd["manifest"]).exists():
+                raise ReplicationError(
+                    f"disk {key} of {m['name']}: the last restore point has no hash manifest "
+                    "to compare with",
+                    hint=f"run a full sync: ferryman sync {m['name']} --full",
+                )
+            hasher = ManifestBuilder(d.disk.size, previous=HashManifest.load(Path(pd["manifest"])))
+        elif getattr(d, "hash_manifest", False):
+            # The next sync of this source compares hashes: record them while copying.
+            hasher = ManifestBuilder(d.disk.size, compare=False)
+        uri = ov.start_writer(writer_dir())
+        try:
+            copier = Copier(
+                disk_key=key,
+                source_uri=d.nbd_uri,
+                target_uri=uri,
+                progress=ctx.progress,
+                cancel=ctx.cancel,
+                throttle=throttle,
+                journal=journal,
+                target_is_zero=ov.fresh,
+                hasher=hasher,
+            )
+            stats = copier.copy(d.extents(), resume_from=journal.extents(key))
+        except BaseException:
+            ov.kill_writer()  # the partial stays for a resume of this same snapshot
+            raise
+        point = ov.seal()
+        manifest: str | None = None
+        if hasher is not None and not ov.resumed:
+            mp = _manifest_path(chain, point.name)
+            hasher.manifest.save(mp)  # type: ignore[attr-defined]
+            manifest = str(mp)
+        elif hasher is not None and not compare:
+            # Resumed: the hashes of what the crashed run copied are lost; read the point.
+            ctx.progress.set_phase(f"hashing disk {key} (resumed sync)")
+            with (
+                chain.reading(point.name, f"sync job {ctx.job_id}") as path,
+                QemuNbd(path, writer_dir(), read_only=True) as reader,
+            ):
+                got = hash_export(reader.uri, disk=key, cancel=ctx.cancel)
+            mp = _manifest_path(chain, point.name)
+            got.save(mp)
+            manifest = str(mp)
+        if compare:
+            ctx.progress.set_phase(f"verifying disk {key} against the source snapshot")
+            with (
+                chain.reading(point.name, f"verify job {ctx.job_id}") as path,
+                QemuNbd(path, writer_dir(), read_only=True) as reader,
+            ):
+                res = verify(
+                    d.nbd_uri, reader.uri, disk=key, cancel=ctx.cancel, raise_on_mismatch=False
+                )
+            mp = _manifest_path(chain, point.name)
+            res.target.save(mp)
+            manifest = str(mp)
+            if not res.ok:
+                verified = "mismatch"
+                ctx.event(
+                    f"disk {key} of {m['name']}: {len(res.mismatches)} blocks differ from "
+                    f"the source snapshot (first at offset {res.mismatches[0]}); the next "
+                    "sync is a full resync",
+                    level="error",
+                )
+            elif verified is None:
+                verified = "ok"
+        for k in totals:
+            totals[k] += int(getattr(stats, k))
+        disks_out.append(
+            {
+                "disk_key": key,
+                "path": str(chain.dir / point.file),
+                "size": d.disk.size,
+                "manifest": manifest,
+                "stats": stats.as_dict(),
+            }
+        )
+    ctx.check_cancel()
+    token = session.token()
+    with write_txn(db):
+        cur = db.execute(
+            "INSERT INTO restore_points (machine_id, session_id, parent_id, snapshot_id, "
+            "source_time, sealed_at, consistency, full, token, verified, verified_at, "
+            "bytes_written) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            [
+                m["id"],
+                sid,
+                prev["id"] if prev else None,
+                session.snapshot_id,
+                source_time,
+                now(),
+                str(session.consistency.value),
+                int(session.full),
+                dumps(token),
+                verified,
+                now() if verified else None,
+                totals["bytes_written"],
+            ],
+        )
+        rp_id = int(cur.lastrowid or 0)
+        for dd in disks_out:
+            db.execute(
+                "INSERT INTO restore_point_disks (restore_point_id, disk_key, path, size, "
+                "manifest) VALUES (?,?,?,?,?)",
+                [rp_id, dd["disk_key"], dd["path"], dd["size"], dd["manifest"]],
+            )
+        db.execute(
+            "UPDATE sync_sessions SET state='sealed', ended_at=?, bytes_read=?, "
+            "bytes_written=? WHERE id=?",
+            [now(), totals["bytes_read"], totals["bytes_written"], sid],
+        )
+        db.execute("DELETE FROM sync_extents WHERE session_id=?", [sid])
+    kind = "full" if session.full else "incremental"
+    ctx.event(
+        f"restore point {rp_id} of {m['name']} sealed ({kind}, "
+        f"{session.consistency.value}, {totals['bytes_written']} bytes written)",
+        kind="sync",
+    )
+    if verified == "mismatch":
+        add_event(
+            db,
+            f"{m['name']}: restore point {rp_id} differs from its source",
+            level="error",
+            kind="verify",
+            machine_id=m["id"],
+            job_id=ctx.job_id,
+        )
+    retention(ctx, m)
+    return {
+        "restore_point": rp_id,
+        "full": session.full,
+        "reason": session.reason,
+        "consistency": session.consistency.value,
+        "resumed": resumed,
+        "verified": verified,
+        **totals,
+        "disks": [{k: v for k, v in dd.items() if k != "path"} for dd in disks_out],
+    }
+
+
+def retention(ctx: JobContext, m: dict[str, Any]) -> None:
+    """Keep the newest N points: merge the oldest into its child, never under a reader."""
+    keep = int((m.get("details") or {}).get("keep_points") or DEFAULT_KEEP_POINTS)
+    db = ctx.db
+    while True:
+        rps = inventory.restore_points(db, m["id"])
+        if len(rps) <= keep:
+            return
+        oldest, child = rps[0], rps[1]
+        try:
+            for d in oldest["disks"]:
+                chain = DiskChain(Path(d["path"]).parent)
+                chain.merge_oldest()
+        except FerrymanError as e:
+            ctx.event(f"retention of {m['name']} postponed: {e}", level="warning")
+            return
+        with write_txn(db):
+            db.execute("UPDATE restore_points SET state='merged' WHERE id=?", [oldest["id"]])
+            db.execute("UPDATE restore_points SET parent_id=NULL, full=1 WHERE id=?", [child["id"]])
+            for d in oldest["disks"]:
+                db.execute(
+                    "UPDATE restore_point_disks SET path=? WHERE restore_point_id=? AND disk_key=?",
+                    [d["path"], child["id"], d["disk_key"]],
+                )
+        ctx.event(
+            f"retention: restore point {oldest['id']} of {m['name']} merged into {child['id']}",
+            kind="retention",
+        )
+
+
+def delete_restore_point(db: Database, rp_id: int) -> dict[str, Any]:
+    """Delete the newest restore point of a machine (older ones are removed by retention,
+    which merges them, since later points depend on them)."""
+    row = db.execute(
+        "SELECT machine_id FROM restore_points WHERE id=? AND state='sealed'", [rp_id]
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"no restore point {rp_id}", hint="list them with: ferryman points NAME")
+    rps = inventory.restore_points(db, int(row[0]))
+    if rps[-1]["id"] != rp_id:
+        raise Conflict(
+            f"restore point {rp_id} has later points that depend on it",
+            hint="only the newest point can be deleted; retention merges older ones",
+        )
+    busy = db.execute(
+        "SELECT id FROM jobs WHERE machine_id=? AND state IN ('queued','running')", [row[0]]
+    ).fetchone()
+    if busy:
+        raise Conflict(
+            f"job {busy[0]} is running on this machine", hint="wait for it or cancel it first"
+        )
+    for d in rps[-1]["disks"]:
+        DiskChain(Path(d["path"]).parent).delete_newest()
+    db.execute("UPDATE restore_points SET state='deleted' WHERE id=?", [rp_id])
+    return {"deleted": rp_id}
+
+
+def run_verify(ctx: JobContext) -> dict[str, Any]:
+    """Re-read a restore point and compare it with the hashes taken when it was made (bit rot,
+    damaged qcow2). Without a manifest, build one now so the next verify can compare."""
+    db = ctx.db
+    rp_id = int(ctx.params["restore_point"])
+    rp = next(
+        (r for r in inventory.restore_points(db, int(ctx.machine_id or 0)) if r["id"] == rp_id),
+        None,
+    )
+    if rp is None:
+        raise NotFound(f"no restore point {rp_id}", hint="list them with: ferryman points NAME")
+    bad: list[str] = []
+    built = 0
+    for d in rp["disks"]:
+        path = Path(d["path"])
+        chain = DiskChain(path.parent)
+        point = point_name(int(rp["session_id"]))
+        ctx.progress.set_phase(f"reading disk {d['disk_key']}")
+        with (
+            chain.reading(point, f"verify job {ctx.job_id}"),
+            QemuNbd(path, writer_dir(), read_only=True) as reader,
+        ):
+            got = hash_export(
+                reader.uri, disk=d["disk_key"], progress=ctx.progress, cancel=ctx.cancel
+            )
+        if d["manifest"] and Path(d["manifest"]).exists():
+            want = HashManifest.load(Path(d["manifest"]))
+            diff = want.diff(got)
+            if diff:
+                bad.append(
+                    f"disk {d['disk_key']}: {len(diff)} blocks differ, first at offset {diff[0]}"
+                )
+        else:
+            mp = _manifest_path(chain, point)
+            got.save(mp)
+            db.execute(
+                "UPDATE restore_point_disks SET manifest=? WHERE restore_point_id=? AND disk_key=?",
+                [str(mp), rp_id, d["disk_key"]],
+            )
+            built += 1
+    state = "mismatch" if bad else "ok"
+    db.execute(
+        "UPDATE restore_points SET verified=?, verified_at=? WHERE id=?", [state, now(), rp_id]
+    )
+    if bad:
+        ctx.event(f"restore point {rp_id} FAILED verification: {'; '.join(bad)}", level="error")
+        raise ReplicationError(
+            f"restore point {rp_id} is damaged: {bad[0]}",
+            hint="do not boot it; run a full sync to make a good point",
+        )
+    return {"restore_point": rp_id, "verified": state, "manifests_built": built}
+
+
+_ = loads
