@@ -49,8 +49,8 @@ type diskTrack struct {
 }
 
 type vmTrack struct {
-	active bool                                         // CBT took effect (stun/unstun seen)
-	disks  map[int32]*diskTrack                         // device key -> tracking
+	active bool                                              // CBT took effect (stun/unstun seen)
+	disks  map[int32]*diskTrack                              // device key -> tracking
 	snaps  map[types.ManagedObjectReference]map[int32]string // snapshot -> device key -> changeId
 }
 
