@@ -217,3 +217,173 @@ def images_equal(
 def check_ok(path: Path) -> int:
     r = subprocess.run(["qemu-img", "check", "-f", "qcow2", str(path)], capture_output=True)
     return r.returncode
+
+
+# -- a tiny libvirt guest that writes to its own disk --------------------------------------
+
+GUEST_INIT = r"""#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sys /sys
+/bin/busybox mount -t devtmpfs dev /dev
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+  /bin/busybox insmod /lib/modules/$m.ko
+done
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do /bin/busybox sleep 0.1; i=$((i+1)); done
+if [ ! -b /dev/vda ]; then echo FERRYMAN-GUEST-NODISK > /dev/ttyS0; exec /bin/busybox sh; fi
+echo FERRYMAN-GUEST-READY > /dev/ttyS0
+# Write 64 KiB of random data at one of 256 slots of the first 16 MiB, every 0.2 s,
+# synchronously, forever. Everything past 16 MiB stays as the test prepared it.
+n=0
+while true; do
+  slot=$(( (n * 37) % 256 ))
+  /bin/busybox dd if=/dev/urandom of=/dev/vda bs=65536 count=1 seek=$slot conv=fsync \
+    2>/dev/null
+  n=$((n+1))
+  /bin/busybox sleep 0.2
+done
+"""
+GUEST_MODULES = [
+    "virtio/virtio.ko",
+    "virtio/virtio_ring.ko",
+    "virtio/virtio_pci_modern_dev.ko",
+    "virtio/virtio_pci_legacy_dev.ko",
+    "virtio/virtio_pci.ko",
+    "block/virtio_blk.ko",
+]
+
+
+def build_tiny_guest(out: Path) -> tuple[Path, Path]:
+    """Kernel + initramfs (busybox, virtio modules, the writer init). Cached by content."""
+    import glob
+    import io
+
+    out.mkdir(parents=True, exist_ok=True)
+    kernels = sorted(glob.glob("/boot/vmlinuz-*"))
+    if not kernels or not Path("/usr/bin/busybox").exists():
+        pytest.skip("needs a kernel in /boot and busybox-static")
+    kernel = Path(kernels[-1])
+    kver = kernel.name.removeprefix("vmlinuz-")
+    moddir = Path(f"/lib/modules/{kver}/kernel/drivers")
+    root = out / "root"
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "bin").mkdir(parents=True)
+    (root / "lib" / "modules").mkdir(parents=True)
+    shutil.copy("/usr/bin/busybox", root / "bin" / "busybox")
+    for m in GUEST_MODULES:
+        shutil.copy(moddir / m, root / "lib" / "modules" / Path(m).name)
+    (root / "init").write_text(GUEST_INIT)
+    os.chmod(root / "init", 0o755)
+    initrd = out / "initrd.cpio"
+    files = subprocess.run(
+        ["find", "."], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
+    with open(initrd, "wb") as f:
+        subprocess.run(
+            ["cpio", "-o", "-H", "newc", "--quiet"],
+            cwd=root,
+            input=files.encode(),
+            stdout=f,
+            check=True,
+        )
+    k = out / "vmlinuz"
+    shutil.copy(kernel, k)
+    for p in (k, initrd):
+        os.chmod(p, 0o644)
+    _ = io
+    return k, initrd
+
+
+class TinyGuest:
+    def __init__(self, name: str, dom: Any, disk: Path, serial: Path) -> None:
+        self.name, self.dom, self.disk, self.serial = name, dom, disk, serial
+
+    @property
+    def uuid(self) -> str:
+        return str(self.dom.UUIDString())
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            out = self.serial.read_bytes() if self.serial.exists() else b""
+            if b"FERRYMAN-GUEST-READY" in out:
+                return
+            if b"FERRYMAN-GUEST-NODISK" in out:
+                raise RuntimeError(f"guest has no /dev/vda: {out[-2000:]!r}")
+            time.sleep(0.5)
+        raise TimeoutError(f"guest did not boot: {self.serial.read_bytes()[-2000:]!r}")
+
+
+@pytest.fixture
+def tiny_guest(dp_dir: Path) -> Iterator[Callable[..., TinyGuest]]:
+    """tiny_guest(disk_size, chunks) -> a running type='qemu' domain whose init writes random
+    64 KiB blocks into the first 16 MiB of /dev/vda (qcow2) in a loop. Destroyed and
+    undefined (checkpoint metadata included) afterwards."""
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+    conn = libvirt.open("qemu:///system")
+    made: list[TinyGuest] = []
+    gdir = dp_dir / "guest"
+    gdir.mkdir()
+    os.chmod(gdir, 0o777)
+    kernel, initrd = build_tiny_guest(gdir)
+
+    def make(
+        disk_size: int = 64 * MiB,
+        chunks: list[tuple[int, int, int]] = (),  # type: ignore[assignment]
+    ) -> TinyGuest:
+        name = f"fm-test-{uuid.uuid4().hex[:8]}"
+        disk = gdir / f"{name}.qcow2"
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", str(disk), str(disk_size)], check=True
+        )
+        if chunks:
+            raw = gdir / "fill.raw"
+            subprocess.run(
+                ["qemu-img", "create", "-q", "-f", "raw", str(raw), str(disk_size)], check=True
+            )
+            write_chunks(raw, list(chunks))
+            subprocess.run(
+                ["qemu-img", "convert", "-n", "-f", "raw", "-O", "qcow2", str(raw), str(disk)],
+                check=True,
+            )
+            raw.unlink()
+        os.chmod(disk, 0o666)
+        serial = gdir / f"{name}.serial"
+        xml = f"""<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>160</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{kernel}</kernel><initrd>{initrd}</initrd>
+    <cmdline>console=ttyS0 quiet panic=-1</cmdline></os>
+  <on_reboot>destroy</on_reboot>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' cache='none'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <serial type='file'><source path='{serial}'/></serial>
+    <interface type='user'><mac address='52:54:00:aa:bb:{len(made):02x}'/>
+      <model type='virtio'/></interface>
+  </devices>
+</domain>"""
+        dom = conn.defineXML(xml)
+        g = TinyGuest(name, dom, disk, serial)
+        made.append(g)
+        dom.create()
+        return g
+
+    yield make
+    for g in made:
+        with contextlib.suppress(libvirt.libvirtError):
+            if g.dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+                g.dom.abortJob()
+        with contextlib.suppress(libvirt.libvirtError):
+            g.dom.destroy()
+        with contextlib.suppress(libvirt.libvirtError):
+            g.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+    conn.close()
