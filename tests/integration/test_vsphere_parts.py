@@ -13,7 +13,7 @@ from pyVmomi import vim
 from appliance.sources.base import DiskInfo
 from appliance.sources.vsphere import Endpoint, Secret, TlsPolicy
 from appliance.sources.vsphere.inventory import disks_of
-from appliance.sources.vsphere.reader import NbdkitExport, folder_url, vddk_export
+from appliance.sources.vsphere.reader import NbdkitExport, folder_url, vddk_available, vddk_export
 from appliance.sources.vsphere.source import VSphereDiskExport, _merge
 from appliance.sources.vsphere.tls import normalize_fingerprint
 
@@ -152,3 +152,14 @@ def test_vddk_command_line_carries_no_password(tmp_path: Path) -> None:
     finally:
         e.close()
     assert not e.workdir.exists()
+
+
+def test_vddk_reader_refused_with_the_reason_when_vddk_is_missing(tmp_path: Path) -> None:
+    from appliance.sources.vsphere import VSphereError, VSphereSource
+
+    assert not vddk_available(str(tmp_path))
+    src = VSphereSource(
+        Endpoint.from_url("vc01.invalid", "svc"), Secret("x"), vddk_libdir=str(tmp_path)
+    )
+    with pytest.raises(VSphereError, match="VDDK reader configured but not usable"):
+        src.open_session("vm-1", None)  # refused before any connection or snapshot

@@ -258,6 +258,13 @@ class VSphereSource:
     def open_session(
         self, machine_ref: str, previous_token: dict[str, Any] | None
     ) -> VSphereSyncSession:
+        if self.vddk_libdir and not reader.vddk_available(self.vddk_libdir):
+            raise VSphereError(
+                f"VDDK reader configured but not usable: no libvixDiskLib under "
+                f"{self.vddk_libdir}/lib64 or no nbdkit vddk plugin",
+                hint="install VMware's VDDK there and nbdkit's vddk plugin (docs/vsphere.md), "
+                "or remove vddk_libdir to read over datastore HTTPS",
+            )
         client = self.client()
         session: VSphereSyncSession | None = None
         snap: Any = None
