@@ -13,6 +13,7 @@ from pyVmomi import vim
 from appliance.sources.base import DiskInfo
 from appliance.sources.vsphere import Endpoint, Secret, TlsPolicy
 from appliance.sources.vsphere.inventory import disks_of
+from appliance.sources.vsphere.protect import disk_blockers
 from appliance.sources.vsphere.reader import NbdkitExport, folder_url, vddk_available, vddk_export
 from appliance.sources.vsphere.source import VSphereDiskExport, _merge
 from appliance.sources.vsphere.tls import normalize_fingerprint
@@ -118,6 +119,16 @@ def test_device_parsing_flags_rdm_independent_and_sizes() -> None:
     assert a.flat_path == "web/web-flat.vmdk" and a.datastore == "ds1"
     assert a.controller == "ParaVirtualSCSIController 0"
     assert (b.size, b.backing) == (5 << 30, "rdm-physical")
+    # vcsim 0.24.2 panics on RDM backings, so the refusal is proven here on pyVmomi objects.
+    ra, rb = disk_blockers([a, b])
+    assert "disk 2000" in ra and "independent_persistent" in ra
+    assert "disk 2001" in rb and "physical-mode RDM" in rb
+    ok = dev.VirtualDisk(
+        key=2002,
+        capacityInKB=1,
+        backing=dev.VirtualDisk.FlatVer2BackingInfo(fileName="[ds1] a.vmdk", diskMode="persistent"),
+    )
+    assert disk_blockers(disks_of([ok])) == []
 
 
 def test_folder_url_quotes_paths_and_names() -> None:

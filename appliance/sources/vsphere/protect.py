@@ -70,6 +70,28 @@ def disk_url(client: VSphereClient, datacenter: str, disk: VmDisk) -> str:
     return folder_url(ep.host, ep.port, datacenter, disk.datastore, disk.flat_path)
 
 
+def disk_blockers(disks: list[VmDisk]) -> list[str]:
+    """The reasons, one per disk, why these disks cannot be replicated."""
+    reasons = []
+    for d in disks:
+        if d.backing == "rdm-physical":
+            reasons.append(
+                f"disk {d.key} ({d.file}) is a physical-mode RDM: no snapshot or CBT; "
+                "migrate the LUN separately or convert it to a virtual disk"
+            )
+        elif d.independent:
+            reasons.append(
+                f"disk {d.key} ({d.file}) is {d.mode}: snapshots do not freeze it; set it to "
+                "dependent (persistent) mode while the VM is powered off"
+            )
+        elif d.backing not in ("flat", "rdm-virtual"):
+            reasons.append(
+                f"disk {d.key} ({d.file}) has a {d.backing} backing the datastore reader cannot "
+                "read; use the VDDK reader"
+            )
+    return reasons
+
+
 def preflight(client: VSphereClient, vm: Any, *, check_read: bool = True) -> PreflightReport:
     """Everything that would stop replication of ``vm``; refuses nothing by itself."""
     p = client.props(vm, [*VM_PATHS, "datastore"])
@@ -85,22 +107,7 @@ def preflight(client: VSphereClient, vm: Any, *, check_read: bool = True) -> Pre
         )
     if not rep.disks:
         rep.reasons.append("it has no virtual disks")
-    for d in rep.disks:
-        if d.backing == "rdm-physical":
-            rep.reasons.append(
-                f"disk {d.key} ({d.file}) is a physical-mode RDM: no snapshot or CBT; "
-                "migrate the LUN separately or convert it to a virtual disk"
-            )
-        elif d.independent:
-            rep.reasons.append(
-                f"disk {d.key} ({d.file}) is {d.mode}: snapshots do not freeze it; set it to "
-                "dependent (persistent) mode while the VM is powered off"
-            )
-        elif d.backing not in ("flat", "rdm-virtual"):
-            rep.reasons.append(
-                f"disk {d.key} ({d.file}) has a {d.backing} backing the datastore reader cannot "
-                "read; use the VDDK reader"
-            )
+    rep.reasons += disk_blockers(rep.disks)
     ds_list = list(p.get("datastore") or [])
     accessible = {
         dp.get("name", ""): dp.get("summary.accessible", False)
