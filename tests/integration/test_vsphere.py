@@ -556,3 +556,18 @@ def test_ca_mode_insecure_mode_and_a_certificate_for_another_host(
     (reason,) = report.reasons
     assert "certificate fails verification" in reason and "name the certificate carries" in reason
     assert vm_snapshots(vm2) == []
+
+
+def test_cutover_last_delta_after_the_source_is_stopped(
+    vsphere_vm: VsphereVm, protected: tuple[VSphereSource, Chain]
+) -> None:
+    src, chain = protected
+    _, t1, _ = sync(src, vsphere_vm, chain, None)  # while it runs
+    vsphere_vm.write(33 * MiB, os.urandom(70 * 1024))  # the last writes before shutdown
+    assert src.stop_machine(vsphere_vm.moref, timeout=30).action == "power-off"
+    s2, _, read2 = sync(src, vsphere_vm, chain, t1)
+    assert not s2.full and read2 == 2 * CBT_BLOCK
+    assert s2.consistency is Consistency.QUIESCED
+    assert any("powered off" in e for e in s2.events)
+    assert chain.equals(vsphere_vm.flat)
+    assert src.start_machine(vsphere_vm.moref).action == "power-on"  # rollback

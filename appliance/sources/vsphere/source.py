@@ -369,6 +369,8 @@ class VSphereSource:
                 )
         elif running:
             events.append("VMware Tools not running: crash-consistent snapshot (not quiesced)")
+        else:
+            events.append("VM is powered off: its disks are at rest (cutover's last delta)")
         snap = protect.create_snapshot(client, vm, snap_name, quiesce=False)
         # A powered-off VM's disks are consistent as they are.
         return snap, Consistency.CRASH_CONSISTENT if running else Consistency.QUIESCED
