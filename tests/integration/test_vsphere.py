@@ -161,6 +161,8 @@ def test_probe_pin_login_and_discovery(vsphere_vm: VsphereVm, tmp_path: Path) ->
     assert nic["network"] == "VM Network" and nic["mac"].startswith("00:0c:29")
     assert m.details["cbt"] is False and m.details["snapshots"] == []
     assert m.details["tools"] == "guestToolsNotRunning"
+    # A VM is found by MoRef or by instance UUID (survives re-registration in vCenter).
+    assert src.preflight(m.details["instance_uuid"]).vm == vsphere_vm.moref
 
 
 def test_wrong_password_is_a_clear_error(vcsim: Vcsim, tmp_path: Path) -> None:
@@ -404,6 +406,7 @@ def test_secret_canary_never_leaks(
     caplog.set_level(logging.DEBUG)
     src, _ = protected
     canary = vsphere_vm.vcsim.password
+    assert src.discover()
     s = src.open_session(vsphere_vm.moref, None)
     try:
         cookie = s._client.session_cookie().reveal() if s._client else ""
