@@ -354,6 +354,11 @@ def test_cbt_reset_and_refused_changeid_lead_to_full_resync(
     assert s2.full and "refused the stored changeId" in s2.reason
     assert chain.equals(vsphere_vm.flat)
 
+    # A token of another VM (instance UUID differs): full, with the reason.
+    other = {**t1, "instance_uuid": "00000000-0000-0000-0000-000000000000"}
+    s_other, _, _ = sync(src, vsphere_vm, chain, other)
+    assert s_other.full and "instance UUID changed" in s_other.reason
+
     # CBT reset (disabled and enabled again, e.g. by another backup product): new epoch.
     vsphere_vm.reconfigure(changeTrackingEnabled=False)
     src.protect(vsphere_vm.moref)

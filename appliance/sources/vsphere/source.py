@@ -266,7 +266,6 @@ class VSphereSource:
                 "or remove vddk_libdir to read over datastore HTTPS",
             )
         client = self.client()
-        session: VSphereSyncSession | None = None
         snap: Any = None
         exports: list[VSphereDiskExport] = []
         try:
@@ -292,11 +291,12 @@ class VSphereSource:
                 raise ChangeTrackingError(
                     f"{name}: CBT is off", hint=f"run protect on {name} first"
                 )
+            first = "first sync"
             if previous_token and previous_token.get("instance_uuid") not in (
                 None,
                 p.get("config.instanceUuid"),
             ):
-                events.append("VM instance UUID changed since the last sync: full copy")
+                first = "the VM's instance UUID changed since the last sync (another VM?)"
                 previous_token = None
             snap, consistency = self._snapshot(client, vm, name, p, events)
             snap_disks = disks_of(
@@ -307,7 +307,7 @@ class VSphereSource:
             reasons: list[str] = []
             state: dict[str, dict[str, Any]] = {}
             for d in snap_disks:
-                mode, areas, why = self._plan(vm, snap, d, previous_token)
+                mode, areas, why = self._plan(vm, snap, d, previous_token, first)
                 if why:
                     reasons.append(why)
                 export = self._export(client, vm, snap, d, datacenter, cookie)
@@ -376,13 +376,18 @@ class VSphereSource:
         return snap, Consistency.CRASH_CONSISTENT if running else Consistency.QUIESCED
 
     def _plan(
-        self, vm: Any, snap: Any, d: VmDisk, previous: dict[str, Any] | None
+        self,
+        vm: Any,
+        snap: Any,
+        d: VmDisk,
+        previous: dict[str, Any] | None,
+        first: str = "first sync",
     ) -> tuple[str, list[tuple[int, int]], str]:
         """(mode, data areas, reason when full) for one disk of the snapshot."""
         prev = ((previous or {}).get("disks") or {}).get(str(d.key))
         why = ""
         if previous is None:
-            why = f"disk {d.key}: first sync"
+            why = f"disk {d.key}: {first}"
         elif prev is None:
             why = f"disk {d.key}: new since the last sync"
         elif int(prev.get("size", -1)) != d.size:
