@@ -13,6 +13,11 @@ Secrets never reach argv (``/proc/*/cmdline`` is world-readable): the cookie and
 password go to nbdkit as ``+FILE`` parameters, written 0600 in a 0700 directory and deleted as
 soon as nbdkit has read them (at start-up, before it creates its socket).
 
+nbdkit runs with ``--exit-with-parent`` so a crashed daemon leaves no reader behind. Linux
+implements that with PR_SET_PDEATHSIG, which fires when the *thread* that started nbdkit ends:
+open the session on the thread that will also release it (the sync job's thread), never on a
+short-lived helper thread.
+
 Zero detection happens on the data read, in the copier (appliance/datapath/copier.py sends
 all-zero reads as NBD zero requests); CBT's "*" query already leaves unallocated areas out.
 """
