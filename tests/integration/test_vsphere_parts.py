@@ -12,7 +12,7 @@ from pyVmomi import vim
 
 from appliance.sources.base import DiskInfo
 from appliance.sources.vsphere import Endpoint, Secret, TlsPolicy
-from appliance.sources.vsphere.inventory import disks_of
+from appliance.sources.vsphere.inventory import disks_of, guest_ips
 from appliance.sources.vsphere.protect import disk_blockers
 from appliance.sources.vsphere.reader import NbdkitExport, folder_url, vddk_available, vddk_export
 from appliance.sources.vsphere.source import VSphereDiskExport, _merge
@@ -174,3 +174,24 @@ def test_vddk_reader_refused_with_the_reason_when_vddk_is_missing(tmp_path: Path
     )
     with pytest.raises(VSphereError, match="VDDK reader configured but not usable"):
         src.open_session("vm-1", None)  # refused before any connection or snapshot
+
+
+def test_guest_addresses_by_mac() -> None:
+    net = [
+        vim.vm.GuestInfo.NicInfo(
+            macAddress="00:50:56:aa:bb:cc",
+            ipConfig=vim.net.IpConfigInfo(
+                ipAddress=[
+                    vim.net.IpConfigInfo.IpAddress(ipAddress="10.0.0.5", prefixLength=24),
+                    vim.net.IpConfigInfo.IpAddress(ipAddress="fe80::1", prefixLength=64),
+                ]
+            ),
+        ),
+        vim.vm.GuestInfo.NicInfo(macAddress="00:50:56:aa:bb:cd", ipAddress=["192.168.1.9"]),
+        vim.vm.GuestInfo.NicInfo(macAddress="00:50:56:aa:bb:ce"),
+    ]
+    assert guest_ips(net) == {
+        "00:50:56:aa:bb:cc": ["10.0.0.5", "fe80::1"],
+        "00:50:56:aa:bb:cd": ["192.168.1.9"],
+    }
+    assert guest_ips(None) == {}

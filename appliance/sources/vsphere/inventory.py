@@ -29,6 +29,8 @@ VM_PATHS = [
     "config.changeTrackingEnabled",
     "guest.toolsRunningStatus",
     "guest.toolsVersionStatus2",
+    "guest.hostName",
+    "guest.net",
     "snapshot",
     "runtime.host",
 ]
@@ -156,6 +158,17 @@ def snapshot_names(tree: Any) -> list[str]:
     return names
 
 
+def guest_ips(net: Any) -> dict[str, list[str]]:
+    """MAC -> IP addresses the guest reports through Tools (for plans: keep or re-address)."""
+    out: dict[str, list[str]] = {}
+    for n in net or []:
+        ips = [a.ipAddress for a in (n.ipConfig.ipAddress if n.ipConfig else [])]
+        ips = ips or list(n.ipAddress or [])
+        if n.macAddress and ips:
+            out[n.macAddress] = ips
+    return out
+
+
 def machine_from(vm: Any, p: dict[str, Any]) -> MachineInfo:
     devices = list(p.get("config.hardware.device") or [])
     disks = disks_of(devices)
@@ -177,6 +190,8 @@ def machine_from(vm: Any, p: dict[str, Any]) -> MachineInfo:
             "tools": p.get("guest.toolsRunningStatus", ""),
             "tools_version": p.get("guest.toolsVersionStatus2", ""),
             "snapshots": snapshot_names(p.get("snapshot")),
+            "guest_hostname": p.get("guest.hostName", ""),
+            "ip_addresses": guest_ips(p.get("guest.net")),
             "host": p["runtime.host"]._moId if p.get("runtime.host") is not None else "",
         },
     )
