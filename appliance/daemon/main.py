@@ -25,6 +25,7 @@ from appliance import __version__, probe
 from appliance.config import paths
 from appliance.daemon.jobs import JobRunner
 from appliance.daemon.kinds import all_specs
+from appliance.daemon.scheduler import Scheduler
 from appliance.daemon.state import DaemonState
 from appliance.errors import DaemonError, FerrymanError
 from store.db import open_store
@@ -42,6 +43,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--no-probe",
         action="store_true",
         help="do not run the KVM probe at start (assume TCG until one runs)",
+    )
+    p.add_argument(
+        "--scheduler-tick",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how often continuous protection checks RPO targets",
     )
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--version", action="version", version=f"ferrymand {__version__}")
@@ -175,6 +183,8 @@ def serve(args: argparse.Namespace) -> int:
         log.info("job %s %s after restart", r["id"], r["action"])
     if not verdict and not args.no_probe:
         runner.submit("probe", who="ferrymand", origin="startup")
+    scheduler = Scheduler(factory, runner, tick_s=args.scheduler_tick)  # type: ignore[arg-type]
+    scheduler.start()
 
     config = uvicorn.Config(
         create_app(state),
@@ -194,6 +204,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         server.run()
     finally:
+        scheduler.stop()
         runner.shutdown()
         add_event(db, f"ferrymand stopped (pid {os.getpid()})")
         sock.unlink(missing_ok=True)

@@ -110,7 +110,7 @@ def register(env: Env, exp: Export, *extra: str) -> None:
     )
     job = cli(env, "discover", "lab", "--wait")
     assert job["result"]["machines"] == 1
-    cli(env, "protect", "web01", "--rpo", "15m")
+    cli(env, "protect", "web01")  # no RPO target: syncs only when asked
 
 
 def test_full_then_incremental_by_hash_compare(daemon: Daemon, fm_env: Env, source: Export) -> None:
@@ -138,7 +138,7 @@ def test_full_then_incremental_by_hash_compare(daemon: Daemon, fm_env: Env, sour
     v = cli(fm_env, "verify", str(rp2["id"]), "--wait")
     assert v["result"]["verified"] == "ok"
     machines = cli(fm_env, "machines")
-    assert machines[0]["rpo_status"] == "within" and machines[0]["restore_points"] == 2
+    assert machines[0]["rpo_status"] == "none" and machines[0]["restore_points"] == 2
     con = sqlite3.connect(fm_env.db)
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
@@ -149,7 +149,7 @@ def test_kill9_mid_sync_resumes_without_recopying(fm_env: Env, source: Export) -
     # A fixed snapshot identity: the operator's export does not change between runs, so an
     # interrupted sync may resume; a throttle makes the copy last long enough to kill it.
     register(fm_env, source, "--param", "snapshot_id=export-v1")
-    cli(fm_env, "set", "web01", "--throttle", "2MiB")
+    cli(fm_env, "set", "web01", "--throttle", "512KiB")  # ~24 s; flushes every 10 s
     job = cli(fm_env, "sync", "web01")
     end = time.monotonic() + 60
     done = 0
@@ -173,3 +173,25 @@ def test_kill9_mid_sync_resumes_without_recopying(fm_env: Env, source: Export) -
     con = sqlite3.connect(fm_env.db)
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert con.execute("SELECT count(*) FROM restore_points").fetchone()[0] == 1
+
+
+def test_scheduler_meets_rpo_target(fm_env: Env, source: Export) -> None:
+    with running_daemon(fm_env, "--no-probe", "--scheduler-tick", "1"):
+        register(fm_env, source)
+        cli(fm_env, "set", "web01", "--rpo", "60")
+        end = time.monotonic() + 120
+        m: dict = {}  # type: ignore[type-arg]
+        while time.monotonic() < end:
+            m = cli(fm_env, "machines")[0]
+            if m["restore_points"] >= 1 and not m["active_job"]:
+                break
+            time.sleep(0.5)
+        assert m["restore_points"] == 1 and m["rpo_status"] == "within", m
+        jobs = cli(fm_env, "jobs", "--all")
+        sync = [j for j in jobs if j["kind"] == "sync"]
+        assert sync[0]["requested_by"] == "scheduler" and sync[0]["state"] == "succeeded"
+        # Within half the RPO no second sync is started.
+        time.sleep(3)
+        assert len([j for j in cli(fm_env, "jobs", "--all") if j["kind"] == "sync"]) == 1
+        p, _ = point_path(fm_env, "web01")
+        assert_equal(source.img, p)
