@@ -148,6 +148,8 @@ def test_probe_pin_login_and_discovery(vsphere_vm: VsphereVm, tmp_path: Path) ->
 
     src = source_for(v, tmp_path)
     src.test()
+    about = src.about()
+    assert about["type"] == "VirtualCenter" and about["tls"] == "pinned" and about["api"]
     machines = {m.name: m for m in src.discover()}
     m = machines["ferry01"]
     assert m.ref == vsphere_vm.moref

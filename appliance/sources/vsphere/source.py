@@ -229,6 +229,11 @@ class VSphereSource:
         with self.client():
             pass
 
+    def about(self) -> dict[str, str]:
+        """Product, API version and instance UUID of the endpoint, for registration output."""
+        with self.client() as c:
+            return {**c.about, "tls": self.endpoint.tls.mode}
+
     def discover(self) -> list[MachineInfo]:
         with self.client() as c:
             return inventory.discover(c)
