@@ -68,6 +68,7 @@ def test_full_then_incremental_restore_points_equal_the_datastore_file(
         finally:
             s.release()
         assert s.full == (n == 0)
+        assert ("first sync" in " ".join(res.notes)) == (n == 0)
         assert res.point is not None
         stats.append(res.stats)
         assert same(chain.path_of(res.point), vsphere_vm.flat)

@@ -83,6 +83,11 @@ class VSphereDiskExport:
             yield Extent(pos, self.disk.size - pos, zero=True)
 
     @property
+    def notes(self) -> list[str]:
+        """Shown with the disk's sync result (appliance/datapath/sync.py reads ``notes``)."""
+        return [self.reason] if self.reason else []
+
+    @property
     def data_bytes(self) -> int:
         return sum(length for _, length in self.areas)
 
