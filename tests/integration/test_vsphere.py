@@ -581,3 +581,19 @@ def test_cutover_last_delta_after_the_source_is_stopped(
     assert any("powered off" in e for e in s2.events)
     assert chain.equals(vsphere_vm.flat)
     assert src.start_machine(vsphere_vm.moref).action == "power-on"  # rollback
+
+
+def test_sync_of_an_unprotected_vm_turns_cbt_on_with_an_event(
+    vsphere_vm: VsphereVm, tmp_path: Path
+) -> None:
+    src = source_for(vsphere_vm.vcsim, tmp_path)
+    chain_dir = tmp_path / "chain"
+    chain_dir.mkdir()
+    chain = Chain(chain_dir, 128 * MiB)
+    s1, t1, _ = sync(src, vsphere_vm, chain, None)
+    assert any("CBT enabled" in e for e in s1.events) and s1.full
+    vsphere_vm.write(60 * MiB, os.urandom(10))
+    s2, _, read2 = sync(src, vsphere_vm, chain, t1)
+    assert not s2.full and read2 == CBT_BLOCK
+    assert chain.equals(vsphere_vm.flat)
+    assert vm_snapshots(vsphere_vm) == []

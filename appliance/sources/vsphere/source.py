@@ -3,7 +3,8 @@
 One sync, in order (design.md, data path):
 
 1. log in; remove ``ferryman-*`` snapshots an interrupted sync left behind (an event each);
-   preflight (refuses with every reason); CBT must be on (``protect`` turns it on).
+   preflight (refuses with every reason); CBT on (``protect`` turns it on; a sync finding it
+   off turns it on itself, with an event, and copies in full).
 2. a quiesced snapshot when VMware Tools run, else (or when quiescing fails) a
    crash-consistent one, with an event saying why.
 3. per disk, from the snapshot's own device list: compare with the previous token. Disk
@@ -298,9 +299,10 @@ class VSphereSource:
             )
             name = p.get("name", machine_ref)
             if not p.get("config.changeTrackingEnabled"):
-                raise ChangeTrackingError(
-                    f"{name}: CBT is off", hint=f"run protect on {name} first"
-                )
+                # Not protected through protect(), or someone turned CBT off: the preflight
+                # passed, so turning it on here is what protect would do.
+                events += protect.enable_cbt(client, vm)
+                previous_token = None
             first = "first sync"
             if previous_token and previous_token.get("instance_uuid") not in (
                 None,
