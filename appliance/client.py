@@ -20,6 +20,7 @@ CONNECT_TIMEOUT_S = 3.0
 READ_TIMEOUT_S = 30.0  # API calls answer from SQLite; jobs run in the background
 
 _BY_CODE: dict[str, type[FerrymanError]] = {"not_found": NotFound, "conflict": Conflict}
+# "forbidden" (403) arrives as a FerrymanError with code "forbidden".
 
 
 def origin() -> str:
@@ -77,6 +78,13 @@ class Client:
         return r.json()
 
     # -- verbs ------------------------------------------------------------------------------
+
+    def login(self) -> dict[str, Any]:
+        """Record the start of an interactive session (audit trail); returns user and role."""
+        return dict(self._call("POST", "/v1/login"))
+
+    def whoami(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/whoami"))
 
     def health(self) -> dict[str, Any]:
         return dict(self._call("GET", "/v1/health"))

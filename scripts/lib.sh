@@ -67,10 +67,19 @@ ensure_services() {
     die "libvirtd does not answer on qemu:///system; see /var/log/libvirt/libvirtd.log"
 }
 
+ensure_groups() {
+    # Who may use the API socket (root:ferryman 0660) and with which role (docs/security.md).
+    local g
+    for g in ferryman ferryman-operator ferryman-admin; do
+        getent group "$g" >/dev/null || groupadd --system "$g"
+    done
+}
+
 setup_all() {
     need_root "$@"
     ensure_packages
     ensure_venv
+    ensure_groups
     ensure_services
     export PATH="$VENV/bin:$PATH"
 }

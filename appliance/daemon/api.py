@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from appliance import __version__, inventory
+from appliance.daemon import auth
 from appliance.daemon.state import DaemonState
 from appliance.errors import FerrymanError, NotFound
 
@@ -57,11 +58,20 @@ class ErrorBody(BaseModel):
     hint: str | None = None
 
 
-def _who(request: Request) -> tuple[str, str]:
-    return (
-        request.headers.get("x-ferryman-user", "unknown"),
-        request.headers.get("x-ferryman-origin", "api"),
-    )
+def _who(request: Request, role: str = "operator", action: str = "do this") -> tuple[str, str]:
+    """The caller (from the kernel's peer credentials) if their role allows the action.
+    A refusal is recorded in the audit trail too."""
+    c = auth.caller(request)
+    if not c.allows(role):
+        err = auth.forbidden(c, role, action)
+        _audit_refusal(request, c, action, err)
+        raise err
+    return c.user, c.origin
+
+
+def _audit_refusal(request: Request, c: auth.Caller, action: str, err: Exception) -> None:
+    state = request.app.state.ferryman
+    state.audit(c.user, c.origin, action, {"path": request.url.path}, f"refused: {err}")
 
 
 def create_app(state: DaemonState) -> FastAPI:
@@ -70,12 +80,31 @@ def create_app(state: DaemonState) -> FastAPI:
         version=__version__,
         description="Ferryman engine API (local unix socket). Every CLI verb and TUI action "
         "goes through it.",
-        responses={400: {"model": ErrorBody}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}},
+        responses={
+            400: {"model": ErrorBody},
+            403: {"model": ErrorBody},
+            404: {"model": ErrorBody},
+            409: {"model": ErrorBody},
+        },
     )
+
+    app.state.ferryman = state
 
     @app.exception_handler(FerrymanError)
     def _ferryman_error(_: Request, exc: FerrymanError) -> JSONResponse:
         return JSONResponse(status_code=exc.http_status, content=exc.to_dict())
+
+    @app.post("/v1/login")
+    def login(request: Request) -> dict[str, Any]:
+        """A TUI or SSH session starts: recorded in the audit trail with its origin."""
+        c = auth.caller(request)
+        state.audit(c.user, c.origin, "login", {"pid": c.pid}, "ok")
+        return {"user": c.user, "role": c.role, "origin": c.origin}
+
+    @app.get("/v1/whoami")
+    def whoami(request: Request) -> dict[str, Any]:
+        c = auth.caller(request)
+        return {"user": c.user, "role": c.role, "origin": c.origin}
 
     @app.get("/v1/health")
     def health() -> dict[str, Any]:
@@ -99,7 +128,7 @@ def create_app(state: DaemonState) -> FastAPI:
 
     @app.post("/v1/jobs", status_code=202)
     def submit_job(req: JobRequest, request: Request) -> dict[str, Any]:
-        who, origin = _who(request)
+        who, origin = _who(request, "operator", f"start a {req.kind} job")
         machine_id = state.machine_id(req.machine) if req.machine is not None else None
         try:
             job = state.runner.submit(
@@ -115,7 +144,7 @@ def create_app(state: DaemonState) -> FastAPI:
 
     @app.post("/v1/jobs/{job_id}/cancel", status_code=202)
     def cancel_job(job_id: int, request: Request) -> dict[str, Any]:
-        who, origin = _who(request)
+        who, origin = _who(request, "operator", "cancel jobs")
         job = state.runner.cancel(job_id)
         state.audit(who, origin, "job.cancel", {"job": job_id}, "requested")
         return job
@@ -135,7 +164,7 @@ def create_app(state: DaemonState) -> FastAPI:
 
     @app.post("/v1/sources", status_code=201)
     def add_source(req: SourceRequest, request: Request) -> dict[str, Any]:
-        who, origin = _who(request)
+        who, origin = _who(request, "admin", "add sources")
         params = {"name": req.name, "kind": req.kind, "uri": req.uri, "insecure": req.insecure}
         try:
             src = state.add_source(req)
@@ -146,20 +175,21 @@ def create_app(state: DaemonState) -> FastAPI:
         return src
 
     @app.post("/v1/sources/{name}/test")
-    def test_source(name: str) -> dict[str, Any]:
+    def test_source(name: str, request: Request) -> dict[str, Any]:
+        _who(request, "operator", "test sources")
         state.adapter(name).test()
         return {"ok": True, "source": name}
 
     @app.delete("/v1/sources/{name}")
     def remove_source(name: str, request: Request) -> dict[str, Any]:
-        who, origin = _who(request)
+        who, origin = _who(request, "admin", "remove sources")
         src = inventory.delete_source(state.db, name)
         state.audit(who, origin, "source.remove", {"name": name}, "ok")
         return {"removed": src["name"]}
 
     @app.post("/v1/sources/{name}/discover", status_code=202)
     def discover(name: str, request: Request) -> dict[str, Any]:
-        who, origin = _who(request)
+        who, origin = _who(request, "operator", "discover machines")
         src = inventory.source_row(state.db, name)
         return state.runner.submit(
             "discover", params={"source": src["name"]}, who=who, origin=origin
@@ -181,21 +211,21 @@ def create_app(state: DaemonState) -> FastAPI:
 
     @app.post("/v1/machines/{name}/protect")
     def protect(name: str, req: ProtectRequest, request: Request) -> dict[str, Any]:
-        who, origin = _who(request)
+        who, origin = _who(request, "operator", "protect machines")
         m = state.protect(name, req)
         state.audit(who, origin, "machine.protect", {"machine": name, **req.model_dump()}, "ok")
         return m
 
     @app.post("/v1/machines/{name}/unprotect")
     def unprotect(name: str, request: Request) -> dict[str, Any]:
-        who, origin = _who(request)
+        who, origin = _who(request, "operator", "unprotect machines")
         m = inventory.set_protection(state.db, name, protected=False)
         state.audit(who, origin, "machine.unprotect", {"machine": name}, "ok")
         return m
 
     @app.patch("/v1/machines/{name}")
     def set_machine(name: str, req: MachineSettings, request: Request) -> dict[str, Any]:
-        who, origin = _who(request)
+        who, origin = _who(request, "operator", "change machine settings")
         m = inventory.set_protection(
             state.db,
             name,
@@ -211,7 +241,7 @@ def create_app(state: DaemonState) -> FastAPI:
 
     @app.post("/v1/machines/{name}/sync", status_code=202)
     def sync(name: str, req: SyncRequest, request: Request) -> dict[str, Any]:
-        who, origin = _who(request)
+        who, origin = _who(request, "operator", "start syncs")
         m = inventory.machine_row(state.db, name)
         return state.runner.submit(
             "sync", machine_id=m["id"], params={"full": req.full}, who=who, origin=origin
@@ -224,14 +254,14 @@ def create_app(state: DaemonState) -> FastAPI:
 
     @app.delete("/v1/restore-points/{rp_id}")
     def delete_restore_point(rp_id: int, request: Request) -> dict[str, Any]:
-        who, origin = _who(request)
+        who, origin = _who(request, "admin", "delete restore points")
         out = state.delete_restore_point(rp_id)
         state.audit(who, origin, "restore_point.delete", {"id": rp_id}, "ok")
         return out
 
     @app.post("/v1/restore-points/{rp_id}/verify", status_code=202)
     def verify(rp_id: int, request: Request) -> dict[str, Any]:
-        who, origin = _who(request)
+        who, origin = _who(request, "operator", "verify restore points")
         row = state.db.execute(
             "SELECT machine_id FROM restore_points WHERE id=?", [rp_id]
         ).fetchone()

@@ -23,6 +23,7 @@ from typing import IO
 
 from appliance import __version__, probe
 from appliance.config import paths
+from appliance.daemon import auth
 from appliance.daemon.jobs import JobRunner
 from appliance.daemon.kinds import all_specs
 from appliance.daemon.scheduler import Scheduler
@@ -186,9 +187,11 @@ def serve(args: argparse.Namespace) -> int:
     scheduler = Scheduler(factory, runner, tick_s=args.scheduler_tick)  # type: ignore[arg-type]
     scheduler.start()
 
+    auth.install_peer_credentials()
     config = uvicorn.Config(
         create_app(state),
         uds=str(sock),
+        http="h11",
         log_level="warning",
         log_config=None,
         access_log=False,

@@ -14,11 +14,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def all_modules() -> list[str]:
+    """Every engine and store module, except nbdkit plugins (``*_plugin``): those run inside
+    nbdkit, whose ``nbdkit`` module exists only there."""
     names = []
     for pkg in (appliance, store):
         names.append(pkg.__name__)
         for m in pkgutil.walk_packages(pkg.__path__, prefix=pkg.__name__ + "."):
-            names.append(m.name)
+            if not m.name.endswith("_plugin"):
+                names.append(m.name)
     return names
 
 
