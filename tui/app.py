@@ -1,68 +1,152 @@
-"""The Ferryman TUI (grows with issue 7). Talks to ferrymand only through appliance.client,
-always from thread workers, so the screen never freezes on a slow call."""
+"""The Ferryman TUI. The App only wires things: modes (one per screen of the nav bar), global
+keys, the command palette and the theme. Screens own their data; every call to ferrymand runs
+in a thread worker (screens/base.py), so the screen never freezes on a slow call.
+
+Quitting leaves every job running: jobs live in ferrymand, this is only a window onto them.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import os
+from collections.abc import Iterable
+from functools import partial
+from pathlib import Path
 
-from textual import work
-from textual.app import App, ComposeResult
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.theme import Theme
+from textual.worker import Worker
 
-from appliance.client import Client
-from appliance.errors import FerrymanError
+from appliance.config import paths
+from tui import failures
+from tui.messages import ActionDone, JobSubmitted, OpenMachine
+from tui.screens.calculator import CalculatorScreen
+from tui.screens.cutover import CutoverScreen
+from tui.screens.dashboard import DashboardScreen
+from tui.screens.events import EventsScreen
+from tui.screens.machine import MachineScreen
+from tui.screens.plans import PlansScreen
+from tui.screens.sources import SourcesScreen
+from tui.screens.testrun import TestRunScreen
+from tui.services import Services
+from tui.widgets.common.navbar import SCREENS
 
-REFRESH_S = 1.0
+log = logging.getLogger(__name__)
+
+# High contrast, few colours; on a 16-colour or monochrome console every state still reads
+# through its word and symbol (tui/format.py).
+FERRYMAN_THEME = Theme(
+    name="ferryman",
+    primary="#5fafd7",
+    secondary="#87afaf",
+    accent="#d7af5f",
+    foreground="#e4e4e4",
+    background="#121212",
+    surface="#1c1c1c",
+    panel="#262626",
+    success="#87d787",
+    warning="#ffd75f",
+    error="#ff5f5f",
+    dark=True,
+)
+MONO_TERMS = ("linux", "vt100", "vt102", "vt220", "ansi", "dumb")
 
 
 class FerrymanApp(App[None]):
     TITLE = "Ferryman"
-    BINDINGS = [("q", "quit", "Quit"), ("r", "refresh", "Refresh")]
+    CSS_PATH = "ferryman.tcss"
+    MODES = {
+        "dashboard": DashboardScreen,
+        "sources": SourcesScreen,
+        "plans": PlansScreen,
+        "testrun": TestRunScreen,
+        "cutover": CutoverScreen,
+        "calculator": CalculatorScreen,
+        "events": EventsScreen,
+    }
+    BINDINGS = [
+        *(
+            Binding(key, f"switch_mode('{mode}')", label, show=False)
+            for mode, key, label, _ in SCREENS
+        ),
+        Binding("q", "quit", "Quit (jobs go on)"),
+    ]
 
-    def __init__(self, client: Client | None = None) -> None:
+    def __init__(self, services: Services | None = None) -> None:
         super().__init__()
-        self.client = client or Client()
-
-    def compose(self) -> ComposeResult:
-        yield Header()
-        yield Static("connecting to ferrymand...", id="status")
-        yield DataTable(id="jobs", cursor_type="row")
-        yield Footer()
+        self.services = services or Services()
+        self.machine_names: list[str] = []  # last seen by the dashboard, for the palette
 
     def on_mount(self) -> None:
-        jobs = self.query_one("#jobs", DataTable)
-        jobs.add_columns("ID", "KIND", "STATE", "PROGRESS")
-        self.action_refresh()
-        self.set_interval(REFRESH_S, self.action_refresh)
-
-    def action_refresh(self) -> None:
-        self.load()
-
-    @work(thread=True, exclusive=True, exit_on_error=False)
-    def load(self) -> None:
-        try:
-            health = self.client.health()
-            jobs = self.client.jobs(limit=20)
-        except FerrymanError as e:
-            self.call_from_thread(self.show_error, e)
-            return
-        self.call_from_thread(self.show, health, jobs)
-
-    def show_error(self, e: FerrymanError) -> None:
-        self.query_one("#status", Static).update(f"[b]ferrymand unreachable[/b]: {e}")
-
-    def show(self, health: dict[str, Any], jobs: list[dict[str, Any]]) -> None:
-        probe = (health.get("probe") or {}).get("accel", "probing...")
-        self.query_one("#status", Static).update(
-            f"ferrymand {health['version']} | store {health['store']} | accelerator {probe}"
+        self.register_theme(FERRYMAN_THEME)
+        term = os.environ.get("TERM", "")
+        self.theme = os.environ.get("FERRYMAN_THEME") or (
+            "textual-ansi" if term in MONO_TERMS else "ferryman"
         )
-        table = self.query_one("#jobs", DataTable)
-        table.clear()
-        for j in jobs:
-            p = j.get("progress") or {}
-            table.add_row(str(j["id"]), j["kind"], j["state"], p.get("phase", ""))
+        self.switch_mode("dashboard")
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        failures.report(self, event)
+
+    # -- cross-screen requests -------------------------------------------------------------
+
+    def on_open_machine(self, message: OpenMachine) -> None:
+        self.push_screen(MachineScreen(message.name))
+
+    def on_job_submitted(self, message: JobSubmitted) -> None:
+        job = message.job
+        self.notify(
+            f"job {job['id']} ({job['kind']}) is {job['state']}; it runs in ferrymand "
+            "and goes on if you quit",
+            title=message.what,
+        )
+
+    def on_action_done(self, message: ActionDone) -> None:
+        self.notify(message.detail or " ", title=message.title)
+
+    # -- command palette ---------------------------------------------------------------------
+
+    def get_system_commands(self, screen: Screen[object]) -> Iterable[SystemCommand]:
+        for mode, key, label, _ in SCREENS:
+            yield SystemCommand(f"Go to {label}", f"key {key}", partial(self.switch_mode, mode))
+        for name in self.machine_names:
+            yield SystemCommand(
+                f"Open machine {name}",
+                "disks, restore points, sync history",
+                partial(self.post_message, OpenMachine(name)),
+            )
+        yield SystemCommand(
+            "Add a source", "vSphere, libvirt, NBD or Linux agent", self._add_source
+        )
+        yield SystemCommand("Quit", "leaves every job running in ferrymand", self.exit)
+        yield from (
+            c
+            for c in super().get_system_commands(screen)
+            if c.title in ("Theme", "Keys", "Screenshot")
+        )
+
+    def _add_source(self) -> None:
+        self.switch_mode("sources")
+        self.call_later(lambda: self.screen.run_action("add"))
+
+
+def _log_to_file() -> None:
+    """Logs go to a file: the terminal belongs to the TUI."""
+    d = paths().log_dir
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        target = d / "tui.log"
+        target.touch()
+    except OSError:
+        target = Path(os.environ.get("TMPDIR", "/tmp")) / f"ferryman-tui-{os.getuid()}.log"
+    logging.basicConfig(
+        filename=target, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
 
 
 def run() -> int:
+    _log_to_file()
     FerrymanApp().run()
     return 0

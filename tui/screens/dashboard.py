@@ -1,0 +1,225 @@
+"""Dashboard: every protected machine at a glance, active jobs, recent events.
+
+Refreshed once a second by a thread worker that asks ferrymand (machines, jobs, events) and
+reads the sync history from the store; the result arrives as one Loaded message.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.events import Resize
+from textual.message import Message
+from textual.widgets import DataTable, Static
+
+from appliance.inventory import rpo_status
+from tui import format as fmt
+from tui.messages import JobSubmitted, OpenMachine
+from tui.screens.base import FerrymanScreen
+from tui.widgets.dashboard.machine_table import WIDE, MachineTable, alerts, row_cells
+
+TREND_SAMPLES = 30  # live rate samples kept per machine (one per refresh)
+EVENTS_SHOWN = 30
+
+
+class DashboardScreen(FerrymanScreen):
+    NAV = "dashboard"
+    BINDINGS = [
+        Binding("o", "open", "Open"),
+        Binding("s", "sync", "Sync now"),
+        Binding("c", "cancel_job", "Cancel job"),
+        Binding("r", "refresh", "Refresh"),
+        Binding("tab", "app.focus_next", "Next pane", show=False),
+    ]
+
+    @dataclass
+    class Loaded(Message):
+        health: dict[str, Any]
+        machines: list[dict[str, Any]]
+        jobs: list[dict[str, Any]]
+        events: list[dict[str, Any]]
+        history: dict[int, list[float]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trends: dict[str, deque[float]] = {}
+        self.machines: list[dict[str, Any]] = []
+        self._history_seeded: set[str] = set()
+
+    def compose_body(self) -> ComposeResult:
+        yield Static("connecting to ferrymand…", id="summary")
+        yield MachineTable(id="machines")
+        with Horizontal(id="lower"):
+            with Vertical(id="jobs-pane"):
+                yield Static("ACTIVE JOBS", classes="pane-title")
+                yield DataTable(id="jobs", cursor_type="row")
+            with Vertical(id="events-pane"):
+                yield Static("RECENT EVENTS", classes="pane-title")
+                yield DataTable(id="events", cursor_type="row", show_header=False)
+
+    def on_mount(self) -> None:
+        self.query_one("#jobs", DataTable).add_columns("ID", "KIND", "MACHINE", "STATE")
+        ev = self.query_one("#events", DataTable)
+        ev.add_column("TIME", width=8)
+        ev.add_column("LEVEL", width=7)
+        ev.add_column("MESSAGE")
+        self.query_one(MachineTable).set_layout(self.size.width >= WIDE)
+        self.query_one(MachineTable).focus()
+        super().on_mount()
+
+    def on_resize(self, event: Resize) -> None:
+        if self.query_one(MachineTable).set_layout(event.size.width >= WIDE):
+            self.render_machines()
+
+    # -- data ---------------------------------------------------------------------------------
+
+    @work(
+        thread=True,
+        exclusive=True,
+        exit_on_error=False,
+        group="load",
+        name="Refreshing the dashboard",
+    )
+    def load(self) -> None:
+        s = self.services
+        c = s.client
+        health = c.health()
+        machines = c.machines()
+        jobs = c.jobs(active=True, limit=50)
+        events = c.events(limit=EVENTS_SHOWN)
+        history = s.throughput_history()
+        self.post_message(self.Loaded(health, machines, jobs, events, history))
+
+    def on_dashboard_screen_loaded(self, msg: Loaded) -> None:
+        shown = [m for m in msg.machines if m["protected"] or m.get("active_job")]
+        by_id = {m["id"]: m["name"] for m in shown}
+        for mid, values in msg.history.items():
+            name = by_id.get(mid)
+            if name and name not in self._history_seeded:
+                self.trends.setdefault(name, deque(maxlen=TREND_SAMPLES)).extend(values)
+                self._history_seeded.add(name)
+        for m in shown:
+            job = m.get("active_job")
+            rate = ((job or {}).get("progress") or {}).get("rate")
+            if job and job["state"] == "running" and rate:
+                self.trends.setdefault(m["name"], deque(maxlen=TREND_SAMPLES)).append(rate)
+        self.machines = shown
+        self.app.machine_names = [m["name"] for m in msg.machines]  # type: ignore[attr-defined]
+        self.render_machines()
+        self.render_summary(msg.health, msg.machines, msg.jobs)
+        self.render_jobs(msg.jobs, {m["id"]: m["name"] for m in msg.machines})
+        self.render_events(msg.events)
+
+    def render_machines(self) -> None:
+        table = self.query_one(MachineTable)
+        now = self.services.now()
+        table.show(
+            [
+                (m["name"], row_cells(m, now, self.trends.get(m["name"], ()), bool(table.wide)))
+                for m in self.machines
+            ]
+        )
+
+    def render_summary(
+        self, health: dict[str, Any], machines: list[dict[str, Any]], jobs: list[dict[str, Any]]
+    ) -> None:
+        protected = [m for m in machines if m["protected"]]
+        now = self.services.now()
+        counts = {"within": 0, "near": 0, "over": 0}
+        warn: list[str] = []
+        for m in protected:
+            newest = m.get("newest_rp") or {}
+            age = fmt.age_s(newest.get("source_time"), now) if newest else None
+            status = rpo_status(age, m.get("rpo_seconds"))
+            counts[status] = counts.get(status, 0) + 1
+            warn += [f"{m['name']}: {a}" for a in alerts(m, status)]
+        accel = (health.get("probe") or {}).get("accel", "not probed")
+        line = Text(no_wrap=True, overflow="ellipsis")
+        line.append(f"{len(protected)} protected  ")
+        line.append(f"✓{counts['within']} within  ")
+        line.append(f"!{counts['near']} near  ", style="bold" if counts["near"] else "")
+        line.append(f"✗{counts['over']} over RPO  ", style="bold" if counts["over"] else "")
+        line.append(f"▶{sum(1 for j in jobs if j['state'] == 'running')} running  ")
+        line.append(f"accel {accel}", style="dim")
+        if not protected:
+            line = Text(
+                "No protected machines yet: press 2 (Sources), add a source, discover, "
+                "then p to protect.",
+                no_wrap=False,
+            )
+        if warn:
+            line.append("\n")
+            line.append("ALERT ", style="bold reverse")
+            line.append(" " + "; ".join(warn[:4]) + (" …" if len(warn) > 4 else ""), style="bold")
+        self.query_one("#summary", Static).update(line)
+
+    def render_jobs(self, jobs: list[dict[str, Any]], names: dict[int, str]) -> None:
+        t = self.query_one("#jobs", DataTable)
+        cursor = t.cursor_row
+        t.clear()
+        for j in jobs:
+            p = j.get("progress") or {}
+            state = fmt.job_state(j["state"])
+            if j["state"] == "running" and p.get("total"):
+                state = f"▶ {p['done'] / p['total']:.0%}"
+            machine = names.get(j.get("machine_id") or 0, "-")
+            t.add_row(str(j["id"]), j["kind"], machine, state, key=str(j["id"]))
+        if jobs:
+            t.move_cursor(row=min(cursor, len(jobs) - 1))
+
+    def render_events(self, events: list[dict[str, Any]]) -> None:
+        t = self.query_one("#events", DataTable)
+        t.clear()
+        now = self.services.now()
+        for e in reversed(events):
+            t.add_row(fmt.clock(e["ts"], now), fmt.level(e["level"]), e["message"])
+
+    # -- actions ------------------------------------------------------------------------------
+
+    def action_refresh(self) -> None:
+        self.load()
+
+    def action_open(self) -> None:
+        name = self.query_one(MachineTable).selected_name()
+        if name:
+            self.post_message(OpenMachine(name))
+
+    @on(MachineTable.Opened)
+    def _opened(self, msg: MachineTable.Opened) -> None:
+        self.post_message(OpenMachine(msg.name))
+
+    def action_sync(self) -> None:
+        name = self.query_one(MachineTable).selected_name()
+        if name:
+            self.start_sync(name)
+
+    @work(
+        thread=True, exclusive=True, exit_on_error=False, group="action", name="Starting the sync"
+    )
+    def start_sync(self, name: str) -> None:
+        job = self.services.client.sync(name)
+        self.post_message(JobSubmitted(f"sync of {name} started", job))
+        self.app.call_from_thread(self.load)
+
+    def action_cancel_job(self) -> None:
+        t = self.query_one("#jobs", DataTable)
+        if not t.row_count:
+            self.notify("no active job to cancel", title="Nothing to cancel")
+            return
+        key = t.coordinate_to_cell_key(t.cursor_coordinate).row_key.value
+        if key:
+            self.cancel_job(int(key))
+
+    @work(
+        thread=True, exclusive=True, exit_on_error=False, group="action", name="Cancelling the job"
+    )
+    def cancel_job(self, job_id: int) -> None:
+        job = self.services.client.cancel(job_id)
+        self.post_message(JobSubmitted(f"cancel of job {job_id} requested", job))

@@ -1,0 +1,268 @@
+"""One machine: disks, the restore point chain, sync history, inspection and preflight, and
+the actions sync now / full sync / verify / protection settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.widgets import DataTable, ProgressBar, Static
+
+from appliance.inventory import rpo_status
+from tui import format as fmt
+from tui.messages import ActionDone, JobProgressed, JobSubmitted
+from tui.screens.base import FerrymanScreen
+from tui.screens.protect import ProtectDialog
+
+
+def rp_row(rp: dict[str, Any], now: Any, newest: bool) -> tuple[str, ...]:
+    size = sum(d.get("size", 0) for d in rp.get("disks", []))
+    verified = {"ok": "✓ verified", "mismatch": "✗ MISMATCH"}.get(
+        rp.get("verified") or "", "· not yet"
+    )
+    boot = {"bootable": " ✓boot", "not-bootable": " ✗NO BOOT"}.get(
+        rp.get("boot_verified") or "", ""
+    )
+    return (
+        f"{'▸' if newest else ' '}{rp['id']}",
+        fmt.clock(rp["source_time"], now),
+        fmt.duration(fmt.age_s(rp["source_time"], now)),
+        "full" if rp.get("full") else "incr",
+        fmt.size(rp.get("bytes_written")) + " / " + fmt.size(size),
+        rp.get("consistency", "?"),
+        verified + boot,
+    )
+
+
+def inspection_text(rp: dict[str, Any] | None) -> Text:
+    """Inspection and preflight as stored by the conversion (appliance.convert)."""
+    t = Text()
+    ins = (rp or {}).get("inspection")
+    if not ins:
+        t.append(
+            "No inspection stored yet: it runs with the first conversion preview or test "
+            "run of this machine.",
+            style="dim",
+        )
+        return t
+    keys = ("os", "distro", "product", "version", "arch", "kernels", "bootloader", "firmware")
+    for k in keys:
+        if ins.get(k):
+            v = ins[k]
+            t.append(f"{k:<11}", style="bold")
+            t.append(f"{', '.join(map(str, v)) if isinstance(v, list) else v}\n")
+    pre = ins.get("preflight") or {}
+    verdict = pre.get("verdict")
+    if verdict:
+        sym = {"ok": "✓", "warnings": "!", "blocked": "✗"}.get(verdict, "?")
+        t.append("preflight  ", style="bold")
+        t.append(f"{sym} {verdict.upper()}\n", style="bold")
+        for b in pre.get("blockers", []):
+            t.append(f"  ✗ {b}\n")
+        for w in pre.get("warnings", []):
+            t.append(f"  ! {w}\n")
+    return t
+
+
+class MachineScreen(FerrymanScreen):
+    NAV = "dashboard"
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Back"),
+        Binding("s", "sync(False)", "Sync now"),
+        Binding("f", "sync(True)", "Full sync"),
+        Binding("v", "verify", "Verify point"),
+        Binding("p", "protect", "Protection"),
+        Binding("u", "unprotect", "Unprotect"),
+    ]
+
+    @dataclass
+    class Loaded(Message):
+        machine: dict[str, Any]
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.machine_name = name
+        self.machine: dict[str, Any] | None = None
+
+    def compose_body(self) -> ComposeResult:
+        yield Static(f"machine {self.machine_name}: loading…", id="m-head")
+        with Horizontal(id="m-progress-row"):
+            yield Static("", id="m-job")
+            yield ProgressBar(total=100, show_eta=False, id="m-bar")
+        with Horizontal(id="m-top"):
+            with Vertical(id="m-disks-pane"):
+                yield Static("DISKS", classes="pane-title")
+                yield DataTable(id="m-disks", cursor_type="row")
+            with VerticalScroll(id="m-inspect-pane"):
+                yield Static("INSPECTION / PREFLIGHT", classes="pane-title")
+                yield Static("", id="m-inspect")
+        yield Static("RESTORE POINTS (newest ▸)", classes="pane-title")
+        yield DataTable(id="m-rps", cursor_type="row")
+        yield Static("SYNC HISTORY", classes="pane-title")
+        yield DataTable(id="m-jobs", cursor_type="row")
+
+    def on_mount(self) -> None:
+        self.query_one("#m-disks", DataTable).add_columns("DISK", "SIZE", "LABEL")
+        self.query_one("#m-rps", DataTable).add_columns(
+            "RP", "TAKEN", "AGE", "TYPE", "WRITTEN/SIZE", "CONSISTENCY", "VERIFIED"
+        )
+        self.query_one("#m-jobs", DataTable).add_columns("JOB", "KIND", "STATE", "ENDED", "NOTE")
+        self.query_one("#m-progress-row").display = False
+        self.query_one("#m-rps").focus()
+        super().on_mount()
+
+    @work(
+        thread=True, exclusive=True, exit_on_error=False, group="load", name="Loading the machine"
+    )
+    def load(self) -> None:
+        c = self.services.client
+        m = c.machine(self.machine_name)
+        self.post_message(self.Loaded(m))
+        active = [j for j in m.get("jobs", []) if j["state"] in ("queued", "running")]
+        if active:
+            self.post_message(JobProgressed(c.job(active[0]["id"])))
+
+    def on_machine_screen_loaded(self, msg: Loaded) -> None:
+        m = self.machine = msg.machine
+        now = self.services.now()
+        points = m.get("restore_points", [])
+        age = fmt.age_s(points[-1]["source_time"], now) if points else None
+        status = rpo_status(age, m.get("rpo_seconds")) if m["protected"] else "none"
+        rpo = fmt.rpo_words(status, age, m.get("rpo_seconds"))
+        throttle = fmt.rate(m["throttle_bps"]) if m.get("throttle_bps") else "none"
+        head = Text(no_wrap=False)
+        head.append(f"{m['name']}", style="bold")
+        head.append(
+            f"  on {m['source']}  {m.get('guest_os') or '-'}  {m.get('cpus')} vCPU  "
+            f"{m.get('memory_mib')} MiB  power {m.get('power_state')}\n"
+        )
+        head.append("protected " if m["protected"] else "NOT protected ", style="bold")
+        head.append(
+            f"RPO {rpo}  throttle {throttle}"
+            f"  verify every sync {'yes' if m.get('verify_every_sync') else 'no'}"
+        )
+        if m.get("failed_syncs"):
+            head.append(
+                f"\n✗ {m['failed_syncs']} failed sync(s) in a row: see SYNC HISTORY", style="bold"
+            )
+        self.query_one("#m-head", Static).update(head)
+        disks = self.query_one("#m-disks", DataTable)
+        disks.clear()
+        for d in m.get("disks", []):
+            disks.add_row(d["key"], fmt.size(d["size"]), d.get("label") or "-")
+        rps = self.query_one("#m-rps", DataTable)
+        cur = rps.cursor_row
+        rps.clear()
+        points = m.get("restore_points", [])
+        for i, rp in enumerate(reversed(points)):
+            rps.add_row(*rp_row(rp, now, i == 0), key=str(rp["id"]))
+        if points:
+            rps.move_cursor(row=min(cur, len(points) - 1))
+        jobs = self.query_one("#m-jobs", DataTable)
+        jobs.clear()
+        for j in m.get("jobs", []):
+            note = (j.get("error") or "")[:60]
+            if not note and j.get("result"):
+                r = j["result"]
+                note = (
+                    ", ".join(f"{k}={v}" for k, v in list(r.items())[:3])
+                    if isinstance(r, dict)
+                    else str(r)[:60]
+                )
+            jobs.add_row(
+                str(j["id"]),
+                j["kind"],
+                fmt.job_state(j["state"]),
+                fmt.clock(j.get("ended_at"), now),
+                note,
+            )
+        self.query_one("#m-inspect", Static).update(inspection_text(points[-1] if points else None))
+        if not any(j["state"] in ("queued", "running") for j in m.get("jobs", [])):
+            self.query_one("#m-progress-row").display = False
+
+    def on_job_progressed(self, msg: JobProgressed) -> None:
+        job = msg.job
+        row = self.query_one("#m-progress-row")
+        p = job.get("progress") or {}
+        row.display = job["state"] in ("queued", "running")
+        bar = self.query_one("#m-bar", ProgressBar)
+        if p.get("total"):
+            bar.update(total=p["total"], progress=p.get("done", 0))
+        eta = fmt.duration(p.get("eta_s")) if p.get("eta_s") is not None else "-"
+        self.query_one("#m-job", Static).update(
+            f"{fmt.job_state(job['state'])} {job['kind']} job {job['id']}: "
+            f"{p.get('phase', '')} {fmt.rate(p.get('rate'))} ETA {eta}"
+        )
+
+    # -- actions ------------------------------------------------------------------------------
+
+    def action_sync(self, full: bool) -> None:
+        self.start_sync(full)
+
+    @work(
+        thread=True, exclusive=True, exit_on_error=False, group="action", name="Starting the sync"
+    )
+    def start_sync(self, full: bool) -> None:
+        job = self.services.client.sync(self.machine_name, full=full)
+        self.post_message(
+            JobSubmitted(f"{'full ' if full else ''}sync of {self.machine_name} started", job)
+        )
+        self.app.call_from_thread(self.load)
+
+    def selected_rp(self) -> int | None:
+        t = self.query_one("#m-rps", DataTable)
+        if not t.row_count:
+            return None
+        key = t.coordinate_to_cell_key(t.cursor_coordinate).row_key.value
+        return int(key) if key else None
+
+    def action_verify(self) -> None:
+        rp = self.selected_rp()
+        if rp is None:
+            self.notify(
+                "this machine has no restore point yet: sync it first (s)",
+                title="Nothing to verify",
+            )
+            return
+        self.start_verify(rp)
+
+    @work(
+        thread=True,
+        exclusive=True,
+        exit_on_error=False,
+        group="action",
+        name="Starting the verification",
+    )
+    def start_verify(self, rp_id: int) -> None:
+        job = self.services.client.verify(rp_id)
+        self.post_message(JobSubmitted(f"verification of restore point {rp_id} started", job))
+        self.app.call_from_thread(self.load)
+
+    def action_protect(self) -> None:
+        self.app.push_screen(
+            ProtectDialog(self.machine_name, self.machine),
+            lambda done: self.load() if done else None,
+        )
+
+    def action_unprotect(self) -> None:
+        self.unprotect()
+
+    @work(
+        thread=True,
+        exclusive=True,
+        exit_on_error=False,
+        group="action",
+        name="Unprotecting the machine",
+    )
+    def unprotect(self) -> None:
+        self.services.client.unprotect(self.machine_name)
+        self.post_message(
+            ActionDone(f"{self.machine_name} is no longer protected", "its restore points are kept")
+        )
+        self.app.call_from_thread(self.load)

@@ -1,0 +1,208 @@
+"""What the screens talk to, injected into the App so tests and benchmarks choose the daemon,
+the store and the clock.
+
+Actions go through appliance.client only (the one client library). Displays may read the
+store read-only (WAL: never blocks the daemon). Both are blocking: call them from thread
+workers only. One client and one store connection per thread (sqlite3 objects and HTTP
+connection pools are not shared across threads).
+
+Plans, test runs and cutover (issue 6) are read from the store until the daemon serves them;
+each write below is the one line to change when the client grows its method.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from sqlite_utils import Database
+
+from appliance.client import Client
+from appliance.config import paths
+from appliance.errors import FerrymanError
+from store.db import loads, open_readonly
+
+REFRESH_S = 1.0  # dashboard and job views poll the daemon this often
+REACH_TIMEOUT_S = 3.0  # a host that does not answer in 3 s is reported as unreachable
+DEFAULT_PORTS = {
+    "nbd": 10809,
+    "nbds": 10809,
+    "https": 443,
+    "ssh": 22,
+    "qemu+ssh": 22,
+    "qemu+tls": 16514,
+    "qemu+tcp": 16509,
+}
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Services:
+    socket_path: Path | None = None
+    db_path: Path | None = None
+    clock: Callable[[], datetime] = _utcnow
+    refresh_s: float = REFRESH_S
+    user: str | None = None
+    _local: threading.local = field(default_factory=threading.local, repr=False)
+
+    def __post_init__(self) -> None:
+        self.db_path = self.db_path or paths().db
+        self.socket_path = self.socket_path or paths().socket
+
+    @property
+    def client(self) -> Client:
+        c = getattr(self._local, "client", None)
+        if c is None:
+            c = self._local.client = Client(self.socket_path, user=self.user)
+        return c
+
+    @property
+    def store(self) -> Database:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            assert self.db_path is not None
+            db = self._local.db = open_readonly(self.db_path)
+        return db
+
+    def now(self) -> datetime:
+        return self.clock()
+
+    # -- display reads from the store ----------------------------------------------------
+
+    def throughput_history(self, limit_per_machine: int = 12) -> dict[int, list[float]]:
+        """Mean bytes/s of each machine's last sealed syncs, oldest first."""
+        rows = self.store.execute(
+            "SELECT machine_id, bytes_read, started_at, ended_at FROM ("
+            " SELECT *, row_number() OVER (PARTITION BY machine_id ORDER BY id DESC) AS n"
+            " FROM sync_sessions WHERE state='sealed' AND ended_at IS NOT NULL)"
+            " WHERE n <= ? ORDER BY machine_id, id",
+            [limit_per_machine],
+        ).fetchall()
+        out: dict[int, list[float]] = {}
+        for mid, nbytes, start, end in rows:
+            secs = (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+            out.setdefault(mid, []).append(nbytes / secs if secs > 0 else 0.0)
+        return out
+
+    def plans(self) -> list[dict[str, Any]]:
+        rows = self.store.execute(
+            "SELECT name, max(version), count(*), max(created_at) FROM plans GROUP BY name "
+            "ORDER BY name"
+        ).fetchall()
+        return [{"name": n, "version": v, "versions": c, "updated_at": t} for n, v, c, t in rows]
+
+    def plan_versions(self, name: str) -> list[dict[str, Any]]:
+        rows = self.store.execute(
+            "SELECT id, version, document, created_at, created_by FROM plans WHERE name=? "
+            "ORDER BY version",
+            [name],
+        ).fetchall()
+        return [
+            {"id": i, "version": v, "document": d, "created_at": t, "created_by": by}
+            for i, v, d, t, by in rows
+        ]
+
+    def plan_runs(self, kind: str, plan: str | None = None) -> list[dict[str, Any]]:
+        where, args = "r.kind=?", [kind]
+        if plan:
+            where += " AND p.name=?"
+            args.append(plan)
+        rows = self.store.execute(
+            "SELECT r.id, p.name, p.version, r.kind, r.state, r.step, r.started_at, r.ended_at,"
+            f" r.report FROM plan_runs r JOIN plans p ON p.id=r.plan_id WHERE {where} "
+            "ORDER BY r.id DESC LIMIT 50",
+            args,
+        ).fetchall()
+        keys = [
+            "id",
+            "plan",
+            "version",
+            "kind",
+            "state",
+            "step",
+            "started_at",
+            "ended_at",
+            "report",
+        ]
+        out = [dict(zip(keys, r, strict=True)) for r in rows]
+        for r in out:
+            r["report"] = loads(r["report"]) or {}
+        return out
+
+    # -- writes that issue 6 will serve (one line each to wire) --------------------------
+
+    def _needs(self, method: str, what: str) -> Any:
+        fn = getattr(self.client, method, None)
+        if fn is None:
+            raise FerrymanError(
+                f"this ferrymand cannot {what} yet",
+                hint="plans, test runs and cutover arrive with issue 6; "
+                "update Ferryman, the plan stays in this editor meanwhile",
+            )
+        return fn
+
+    def save_plan(self, name: str, document: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._needs("save_plan", "save plans")(name, document))
+
+    def start_test_run(self, plan: str) -> dict[str, Any]:
+        return dict(self._needs("test_run", "start test runs")(plan))
+
+    def cutover_step(self, plan: str, step: str, *, confirm: str) -> dict[str, Any]:
+        return dict(self._needs("cutover", "run a cutover")(plan, step=step, confirm=confirm))
+
+    def cutover_rollback(self, plan: str, step: str) -> dict[str, Any]:
+        return dict(self._needs("cutover_rollback", "roll a cutover back")(plan, step=step))
+
+    def update_source(self, name: str, **fields: Any) -> dict[str, Any]:
+        return dict(self._needs("update_source", "change a source in place")(name, **fields))
+
+
+# -- local pre-checks, so that a typo never reaches the daemon --------------------------------
+
+
+def reachability(uri: str, timeout: float = REACH_TIMEOUT_S) -> str | None:
+    """None when the address answers; otherwise what is wrong, in words for the field."""
+    u = urlsplit(uri)
+    if u.scheme.endswith("+unix") or u.scheme == "qemu" or u.scheme == "nbd+vsock":
+        sock = (parse_qs(u.query).get("socket") or [None])[0]
+        if u.scheme == "qemu" or u.scheme == "nbd+vsock":
+            return None  # local libvirt or vsock: the daemon's test tells
+        if not sock:
+            return "a unix address needs ?socket=/path/to/socket"
+        if not Path(sock).exists():
+            return f"no socket at {sock}: is the server running?"
+        return None
+    host = u.hostname
+    if not host:
+        return "no host name in the address"
+    try:
+        port = u.port or DEFAULT_PORTS.get(u.scheme, 0)
+    except ValueError:
+        return "the port must be a number from 1 to 65535"
+    if not port:
+        return "give a port: HOST:PORT"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return f"host '{host}' is not known: check the name or use its IP address"
+    last = ""
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as s:
+            s.settimeout(timeout)
+            try:
+                s.connect(addr)
+                return None
+            except TimeoutError:
+                last = f"{host}:{port} does not answer within {timeout:.0f} s (firewall?)"
+            except OSError as e:
+                last = f"{host}:{port} is unreachable: {e.strerror or e}"
+    return last or f"{host}:{port} is unreachable"
