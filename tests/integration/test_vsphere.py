@@ -84,7 +84,11 @@ class Chain:
             n = copy_export(session.disks[0], f"nbd+unix:///?socket={sock}")
         finally:
             w.terminate()
-            w.wait(10)
+            try:
+                w.wait(30)
+            except subprocess.TimeoutExpired:
+                w.kill()
+                w.wait()
         check = subprocess.run(["qemu-img", "check", "-q", str(p)], check=False)
         assert check.returncode == 0
         return p, n
@@ -426,7 +430,7 @@ def test_secret_canary_never_leaks(
                     cmdlines.append(Path(f"/proc/{pid}/cmdline").read_bytes())
                 except OSError:
                     pass
-        assert any(b"nbdkit" in c and b"curl" in c for c in cmdlines)
+        assert any(b"nbdkit" in c and b"https_plugin.py" in c for c in cmdlines)
         for c in cmdlines:
             assert canary.encode() not in c and cookie_value.encode() not in c
         workdir = s.disks[0].export.workdir
@@ -540,7 +544,7 @@ def test_session_keepalive_runs_during_copy_and_stops_at_release(
     assert "keep-alive failed" not in caplog.text
 
 
-def test_ca_mode_insecure_mode_and_a_certificate_for_another_host(
+def test_ca_mode_insecure_mode_and_a_pinned_certificate_for_another_host(
     vsphere_vm: VsphereVm, vcsim_factory: Callable[..., Vcsim], vsphere_certs: Any, tmp_path: Path
 ) -> None:
     v = vsphere_vm.vcsim
@@ -548,23 +552,43 @@ def test_ca_mode_insecure_mode_and_a_certificate_for_another_host(
     ca = TlsPolicy(mode="ca", cafile=str(vsphere_certs["A"].cert))
     for host in ("127.0.0.1", "localhost"):
         src = VSphereSource(
-            Endpoint(host=host, port=v.port, user=v.user, tls=ca), Secret(v.password)
+            Endpoint(host=host, port=v.port, user=v.user, tls=ca),
+            Secret(v.password),
+            run_dir=tmp_path / "run",
         )
         assert src.preflight(vsphere_vm.moref).ok
+    # ... and a sync through nbdkit's curl plugin (libcurl verifies chain and host name).
+    chain_dir = tmp_path / "chain1"
+    chain_dir.mkdir()
+    chain = Chain(chain_dir, 128 * MiB)
+    s1, t1, _ = sync(src, vsphere_vm, chain, None)
+    assert "curl" in s1.disks[0].export.argv  # type: ignore[attr-defined]
+    vsphere_vm.write(77 * MiB, os.urandom(1000))
+    sync(src, vsphere_vm, chain, t1)
+    assert chain.equals(vsphere_vm.flat)
     # insecure: only when asked for; works, and says so in the stored endpoint.
     ep = Endpoint(host=v.host, port=v.port, user=v.user, tls=TlsPolicy(mode="insecure"))
     assert ep.to_dict()["tls"]["mode"] == "insecure"
     assert VSphereSource(ep, Secret(v.password)).preflight(vsphere_vm.moref).ok
 
-    # A server whose certificate names another host: the pin admits the control plane, but
-    # libcurl would refuse the host name, so preflight refuses before any snapshot.
+    # A server whose certificate names another host (ESXi's "localhost.localdomain"): trusted
+    # through CAs it is refused with the reason; pinned, both paths work (the pinned reader
+    # checks the fingerprint, not the name), and the sync is exact.
     other = vcsim_factory(cert="C")
     vm2 = create_vm(other, "ferry02", 8 * MiB)
+    by_ca = TlsPolicy(mode="ca", cafile=str(vsphere_certs["C"].cert))
+    with pytest.raises(CertificateUnconfirmed, match="certificate not trusted"):
+        VSphereSource(
+            Endpoint(host=other.host, port=other.port, user=other.user, tls=by_ca),
+            Secret(other.password),
+        ).test()
     src = source_for(other, tmp_path)
-    report = src.preflight(vm2.moref)
-    assert not report.ok
-    (reason,) = report.reasons
-    assert "certificate fails verification" in reason and "name the certificate carries" in reason
+    assert src.preflight(vm2.moref).ok
+    chain_dir = tmp_path / "chain2"
+    chain_dir.mkdir()
+    chain = Chain(chain_dir, 8 * MiB)
+    sync(src, vm2, chain, None)
+    assert chain.equals(vm2.flat)
     assert vm_snapshots(vm2) == []
 
 

@@ -237,7 +237,7 @@ class VSphereClient:
         return None
 
     def data_context(self) -> ssl.SSLContext:
-        return vtls.data_path_context(self.endpoint.tls, self.verified_certificate_pem())
+        return vtls.data_path_context(self.endpoint.tls, self.endpoint.address)
 
     # -- inventory helpers -----------------------------------------------------------------
 

@@ -8,7 +8,8 @@ Why each refusal:
 - independent disks: a snapshot does not freeze them, so there is no consistent point to read.
 - physical-mode RDMs: no snapshot, no CBT; the LUN is outside VMware's reach.
 - storage the read path cannot reach: checked by reading the last byte of every disk through
-  the very trust libcurl will apply, so the first sync does not fail after a snapshot exists.
+  the very trust the reader will apply, so the first sync does not fail after a snapshot
+  exists.
 
 CBT enabled on a running VM takes effect only at the next stun/unstun: a snapshot create and
 remove, which :func:`enable_cbt` does.

@@ -2,16 +2,20 @@
 
 Two readers, one contract (a read-only NBD export of exactly the disk's bytes):
 
-- **datastore HTTPS** (default, nothing to install): nbdkit's curl plugin reads
-  ``https://<host>/folder/<dir>/<disk>-flat.vmdk?dcPath=..&dsName=..`` with Range requests,
-  authenticated by the vSphere session cookie. While a snapshot exists the base ``-flat.vmdk``
-  is frozen (the guest writes to the delta), so this reads one consistent point in time.
+- **datastore HTTPS** (default, nothing to install): Range requests on
+  ``https://<host>/folder/<dir>/<disk>-flat.vmdk?dcPath=..&dsName=..``, authenticated by the
+  vSphere session cookie. While a snapshot exists the base ``-flat.vmdk`` is frozen (the guest
+  writes to the delta), so this reads one consistent point in time. Served by nbdkit's curl
+  plugin when the endpoint is trusted through CAs (libcurl checks chain and host name), and by
+  :mod:`.https_plugin` (nbdkit python) when the endpoint is pinned: libcurl cannot pin a
+  fingerprint, and ESXi certificates often name a host the appliance does not use.
 - **VDDK** (when the operator supplies VMware's VDDK, which Ferryman cannot ship): nbdkit's
   vddk plugin, opened on the snapshot, NBDSSL transport (or others the operator chooses).
 
 Secrets never reach argv (``/proc/*/cmdline`` is world-readable): the cookie and the VDDK
-password go to nbdkit as ``+FILE`` parameters, written 0600 in a 0700 directory and deleted as
-soon as nbdkit has read them (at start-up, before it creates its socket).
+password go to nbdkit as files (``cookie=+FILE``, ``cookiefile=FILE``, ``password=+FILE``),
+written 0600 in a 0700 directory and deleted as soon as nbdkit has read them (at start-up,
+before it creates its socket).
 
 nbdkit runs with ``--exit-with-parent`` so a crashed daemon leaves no reader behind. Linux
 implements that with PR_SET_PDEATHSIG, which fires when the *thread* that started nbdkit ends:
@@ -50,6 +54,8 @@ CURL_TIMEOUT = 120  # seconds per HTTP request; a 32 MiB range over a slow WAN l
 # short retries ride over a dropped connection, a permanent failure still surfaces quickly.
 RETRIES = 3
 RETRY_DELAY = 2  # seconds
+_RETRY_PARAMS = [f"retries={RETRIES}", f"retry-delay={RETRY_DELAY}", "retry-exponential=no"]
+PLUGIN = Path(__file__).with_name("https_plugin.py")
 
 
 def folder_url(host: str, port: int, datacenter: str, datastore: str, path: str) -> str:
@@ -62,11 +68,12 @@ def folder_url(host: str, port: int, datacenter: str, datastore: str, path: str)
 
 
 def check_readable(url: str, cookie: Secret, ctx: ssl.SSLContext, size: int) -> None:
-    """One 1-byte Range GET through the same trust libcurl will apply. Raises with the reason.
+    """One 1-byte Range GET through the same trust the reader will apply. Raises with the
+    reason.
 
     Catches, before any snapshot or copy: a datastore the endpoint cannot serve (404, 403), a
-    host name the certificate does not carry (libcurl verifies it), a file shorter than the
-    disk, a server that ignores Range.
+    host name the certificate does not carry (libcurl verifies it in CA mode), a file shorter
+    than the disk, a server that ignores Range.
     """
     u = urllib.parse.urlsplit(url)
     conn = http.client.HTTPSConnection(u.hostname or "", u.port or 443, context=ctx, timeout=60)
@@ -83,8 +90,8 @@ def check_readable(url: str, cookie: Secret, ctx: ssl.SSLContext, size: int) -> 
         raise DatastoreReadError(
             f"{u.hostname}: the datastore endpoint's certificate fails verification "
             f"({e.verify_message})",
-            hint="libcurl checks the host name: register the endpoint under a name the "
-            "certificate carries, or use the VDDK reader",
+            hint="register the endpoint under a name the certificate carries, or pin the "
+            "certificate's fingerprint instead of trusting CAs",
         ) from e
     except (OSError, http.client.HTTPException) as e:
         raise DatastoreReadError(f"{u.hostname}: datastore endpoint unreachable: {e}") from e
@@ -215,22 +222,17 @@ def curl_export(
     size: int,
     cookie: Secret,
     policy: tls.TlsPolicy,
-    pinned_pem: str | None,
     run_dir: Path | None = None,
     filters: list[str] | None = None,
 ) -> NbdkitExport:
-    """An nbdkit curl export of one datastore file (not started; use ``.start()``)."""
+    """nbdkit curl on one datastore file, for TLS modes "ca" and "insecure" (not started)."""
+    if policy.mode == "pinned":
+        raise VSphereError(f"{label}: a pinned endpoint is read by pinned_export, not libcurl")
     work = _workdir(run_dir, label)
     cookie_file = _write_secret(work, "cookie", cookie)
     params = [f"url={url}", f"cookie=+{cookie_file}", f"timeout={CURL_TIMEOUT}"]
     if policy.mode == "insecure":
         params.append("sslverify=false")
-    elif policy.mode == "pinned":
-        if not pinned_pem:
-            raise VSphereError(f"{label}: pinned TLS but no verified certificate for the data path")
-        ca = work / "pinned.pem"
-        ca.write_text(pinned_pem)
-        params.append(f"cainfo={ca}")
     elif policy.cafile:
         params.append(f"cainfo={policy.cafile}")
     argv = [
@@ -244,11 +246,71 @@ def curl_export(
         *[f"--filter={f}" for f in (filters or [])],
         "curl",
         *params,
-        f"retries={RETRIES}",
-        f"retry-delay={RETRY_DELAY}",
-        "retry-exponential=no",
+        *_RETRY_PARAMS,
     ]
     return NbdkitExport(label=label, argv=argv, workdir=work, size=size, secrets=[cookie_file])
+
+
+def pinned_export(
+    *,
+    label: str,
+    url: str,
+    size: int,
+    cookie: Secret,
+    sha256: str,
+    run_dir: Path | None = None,
+    filters: list[str] | None = None,
+) -> NbdkitExport:
+    """nbdkit python + https_plugin.py on one datastore file, trusted by its SHA-256 pin."""
+    work = _workdir(run_dir, label)
+    cookie_file = _write_secret(work, "cookie", cookie)
+    argv = [
+        "nbdkit",
+        "--exit-with-parent",
+        "--foreground",
+        "--readonly",
+        "--unix",
+        str(work / "nbd.sock"),
+        "--filter=retry",
+        *[f"--filter={f}" for f in (filters or [])],
+        "python",
+        str(PLUGIN),
+        f"url={url}",
+        f"cookiefile={cookie_file}",
+        f"sha256={sha256}",
+        f"size={size}",
+        f"timeout={CURL_TIMEOUT}",
+        *_RETRY_PARAMS,
+    ]
+    return NbdkitExport(label=label, argv=argv, workdir=work, size=size, secrets=[cookie_file])
+
+
+def datastore_export(
+    *,
+    label: str,
+    url: str,
+    size: int,
+    cookie: Secret,
+    policy: tls.TlsPolicy,
+    run_dir: Path | None = None,
+    filters: list[str] | None = None,
+) -> NbdkitExport:
+    """The datastore HTTPS reader for this trust policy: pinned -> own reader, else libcurl."""
+    if policy.mode == "pinned":
+        assert policy.sha256 is not None
+        return pinned_export(
+            label=label,
+            url=url,
+            size=size,
+            cookie=cookie,
+            sha256=policy.sha256,
+            run_dir=run_dir,
+            filters=filters,
+        )
+    return curl_export(
+        label=label, url=url, size=size, cookie=cookie, policy=policy, run_dir=run_dir,
+        filters=filters,
+    )  # fmt: skip
 
 
 def vddk_available(libdir: str) -> bool:

@@ -451,13 +451,12 @@ class VSphereSource:
                 size=d.size,
                 run_dir=self.run_dir,
             )
-        return reader.curl_export(
+        return reader.datastore_export(
             label=label,
             url=protect.disk_url(client, datacenter, d),
             size=d.size,
             cookie=cookie,
             policy=self.endpoint.tls,
-            pinned_pem=client.verified_certificate_pem(),
             run_dir=self.run_dir,
             filters=self.reader_filters,
         )

@@ -229,24 +229,14 @@ def make_context(policy: TlsPolicy, endpoint: str) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=policy.cafile)
 
 
-def data_path_context(policy: TlsPolicy, pinned_pem: str | None) -> ssl.SSLContext:
-    """A context that trusts exactly what libcurl will trust on the data path.
+def data_path_context(policy: TlsPolicy, endpoint: str) -> ssl.SSLContext:
+    """A context that trusts exactly what the data-path reader will trust.
 
-    libcurl (nbdkit curl) has no fingerprint pinning; it gets the pinned certificate as its
-    only CA (``cainfo``) and, like every verifying client, checks the host name. This context
-    does the same, so a mismatch is found at preflight, not mid-copy.
+    Pinned: the fingerprint, as on the control plane (the pinned reader checks it per
+    connection). CA: chain and host name, as libcurl does. Preflight reads through this, so a
+    mismatch is found before any snapshot, not mid-copy.
     """
-    if policy.mode == "insecure":
-        return _unverified()
-    if policy.mode == "pinned":
-        if not pinned_pem:
-            raise ValueError("pinned data path needs the verified certificate")
-        # The pinned certificate is the only anchor (no system CAs), host name checked.
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.load_verify_locations(cadata=pinned_pem)
-        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-        return ctx
-    return ssl.create_default_context(cafile=policy.cafile)
+    return make_context(policy, endpoint)
 
 
 def require_confirmed(policy: TlsPolicy, host: str, port: int) -> None:
