@@ -621,3 +621,39 @@ def test_sync_of_an_unprotected_vm_turns_cbt_on_with_an_event(
     assert not s2.full and read2 == CBT_BLOCK
     assert chain.equals(vsphere_vm.flat)
     assert vm_snapshots(vsphere_vm) == []
+
+
+def test_pinned_reader_refuses_a_changed_certificate_before_sending_the_cookie(
+    vcsim: Vcsim, vsphere_certs: Any, tmp_path: Path
+) -> None:
+    # Reliability row 22 on the data path: the reader meets another certificate.
+    import nbd
+
+    from appliance.sources.vsphere import reader
+
+    mitm = RecordingTlsServer(vsphere_certs["B"])
+    url = reader.folder_url("127.0.0.1", mitm.port, "DC0", "LocalDS_0", "x/x-flat.vmdk")
+    e = reader.pinned_export(
+        label="mitm",
+        url=url,
+        size=MiB,
+        cookie=Secret('vmware_soap_session="cookie-canary"'),
+        sha256=vcsim.sha256,
+        run_dir=tmp_path / "run",
+    )
+    try:
+        e.start()
+        h = nbd.NBD()
+        h.connect_uri(e.uri)
+        with pytest.raises(nbd.Error):
+            h.pread(4096, 0)
+        h.shutdown()
+        log = e.log_path.read_text()
+    finally:
+        e.close()
+        mitm.close()
+    assert (
+        "certificate of 127.0.0.1 changed" in log and vcsim.sha256.replace(":", "").lower() in log
+    )
+    assert mitm.handshakes >= 1
+    assert mitm.received == b"", "the reader sent bytes to a server with the wrong certificate"
