@@ -18,7 +18,9 @@ is never mixed (reliability row 20).
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from sqlite_utils import Database
 from appliance import inventory
 from appliance.config import paths
 from appliance.daemon.jobs import JobContext
-from appliance.datapath.chain import DiskChain
+from appliance.datapath.chain import DiskChain, check_image
 from appliance.datapath.copier import Copier
 from appliance.datapath.hashing import HashManifest, ManifestBuilder, hash_export, verify
 from appliance.datapath.throttle import Throttle
@@ -165,6 +167,15 @@ def run_sync(ctx: JobContext) -> dict[str, Any]:
     adapter = adapter_for(db, src)
     prev = newest_point(db, m["id"])
     want_full = bool(ctx.params.get("full")) or prev is None
+    if prev is not None and prev["verified"] == "mismatch" and not want_full:
+        # The last point differs from its source: change tracking missed something (or the
+        # point rotted). Trust nothing it says: copy everything again.
+        want_full = True
+        ctx.event(
+            f"full resync of {m['name']}: restore point {prev['id']} failed its "
+            "comparison with the source",
+            level="warning",
+        )
     ctx.progress.set_phase("opening a source snapshot")
     source_time = now()
     session = adapter.open_session(m["ref"], None if want_full else prev["token"] if prev else None)
@@ -426,6 +437,24 @@ def delete_restore_point(db: Database, rp_id: int) -> dict[str, Any]:
     return {"deleted": rp_id}
 
 
+def _check_chain(path: Path) -> str | None:
+    """qemu-img check of the point's file and every file below it; None when all are sound."""
+    r = subprocess.run(
+        ["qemu-img", "info", "--backing-chain", "--output=json", "-U", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if r.returncode != 0:
+        return f"qcow2 unreadable: {(r.stderr or r.stdout).strip()[-200:]}"
+    for layer in json.loads(r.stdout):
+        try:
+            check_image(Path(layer["filename"]))
+        except FerrymanError as e:
+            return f"qcow2 metadata damaged in {Path(layer['filename']).name}: {e.message}"
+    return None
+
+
 def run_verify(ctx: JobContext) -> dict[str, Any]:
     """Re-read a restore point and compare it with the hashes taken when it was made (bit rot,
     damaged qcow2). Without a manifest, build one now so the next verify can compare."""
@@ -443,14 +472,23 @@ def run_verify(ctx: JobContext) -> dict[str, Any]:
         path = Path(d["path"])
         chain = DiskChain(path.parent)
         point = point_name(int(rp["session_id"]))
+        ctx.progress.set_phase(f"checking disk {d['disk_key']}")
+        damaged = _check_chain(path)
+        if damaged:
+            bad.append(f"disk {d['disk_key']}: {damaged}")
+            continue
         ctx.progress.set_phase(f"reading disk {d['disk_key']}")
-        with (
-            chain.reading(point, f"verify job {ctx.job_id}"),
-            QemuNbd(path, writer_dir(), read_only=True) as reader,
-        ):
-            got = hash_export(
-                reader.uri, disk=d["disk_key"], progress=ctx.progress, cancel=ctx.cancel
-            )
+        try:
+            with (
+                chain.reading(point, f"verify job {ctx.job_id}"),
+                QemuNbd(path, writer_dir(), read_only=True) as reader,
+            ):
+                got = hash_export(
+                    reader.uri, disk=d["disk_key"], progress=ctx.progress, cancel=ctx.cancel
+                )
+        except FerrymanError as e:
+            bad.append(f"disk {d['disk_key']}: unreadable: {e}")
+            continue
         if d["manifest"] and Path(d["manifest"]).exists():
             want = HashManifest.load(Path(d["manifest"]))
             diff = want.diff(got)
@@ -471,7 +509,22 @@ def run_verify(ctx: JobContext) -> dict[str, Any]:
         "UPDATE restore_points SET verified=?, verified_at=? WHERE id=?", [state, now(), rp_id]
     )
     if bad:
-        ctx.event(f"restore point {rp_id} FAILED verification: {'; '.join(bad)}", level="error")
+        # Later points read through this one wherever they did not overwrite a block.
+        later = [
+            r["id"]
+            for r in inventory.restore_points(db, int(ctx.machine_id or 0))
+            if r["id"] > rp_id
+        ]
+        for lid in later:
+            db.execute(
+                "UPDATE restore_points SET verified='mismatch', verified_at=? WHERE id=?",
+                [now(), lid],
+            )
+        ctx.event(
+            f"restore point {rp_id} FAILED verification: {'; '.join(bad)}"
+            + (f"; later points {later} depend on it and are marked too" if later else ""),
+            level="error",
+        )
         raise ReplicationError(
             f"restore point {rp_id} is damaged: {bad[0]}",
             hint="do not boot it; run a full sync to make a good point",
