@@ -92,6 +92,7 @@ class ChangeTrackingError(VSphereError):
 
 class SnapshotError(VSphereError):
     code = "vsphere_snapshot"
+    fault: object = None  # the vSphere fault, when a task failed
 
 
 class TaskFailed(VSphereError):

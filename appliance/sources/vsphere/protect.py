@@ -142,7 +142,16 @@ def create_snapshot(client: VSphereClient, vm: Any, name: str, *, quiesce: bool)
         memory=False,
         quiesce=quiesce,
     )
-    return client.wait(task, f"snapshot {name!r} of {vm._moId}")
+    try:
+        return client.wait(task, f"{'quiesced ' if quiesce else ''}snapshot of {vm._moId}")
+    except TaskFailed as e:
+        err = SnapshotError(
+            e.message,
+            hint="check free space on the VM's datastore and the VM's events in vSphere"
+            + ("; quiescing needs working VMware Tools (and VSS on Windows)" if quiesce else ""),
+        )
+        err.fault = e.fault
+        raise err from e
 
 
 def remove_snapshot(client: VSphereClient, snapshot: Any, what: str) -> None:

@@ -43,7 +43,7 @@ from appliance.sources.base import (
 from appliance.sources.vsphere import inventory, power, protect, reader
 from appliance.sources.vsphere._vmomi import vim, vmodl
 from appliance.sources.vsphere.client import Endpoint, PasswordSource, Secret, VSphereClient
-from appliance.sources.vsphere.errors import ChangeTrackingError, TaskFailed, VSphereError
+from appliance.sources.vsphere.errors import ChangeTrackingError, SnapshotError, VSphereError
 from appliance.sources.vsphere.inventory import VmDisk, disks_of
 
 log = logging.getLogger(__name__)
@@ -375,7 +375,7 @@ class VSphereSource:
             try:
                 snap = protect.create_snapshot(client, vm, snap_name, quiesce=True)
                 return snap, Consistency.QUIESCED
-            except TaskFailed as e:
+            except SnapshotError as e:
                 events.append(
                     f"quiesced snapshot failed ({e.message}); fell back to crash-consistent"
                 )
