@@ -51,6 +51,7 @@ def test_api_through_client_and_cli(daemon: Daemon, fm_env: Env) -> None:
     assert (fm_env.socket.stat().st_mode & 0o777) == 0o660
 
 
+@pytest.mark.row(27)
 def test_kill9_during_job_then_restart_reports_interrupted(fm_env: Env) -> None:
     d = Daemon(fm_env, "--no-probe")
     d.wait_ready()

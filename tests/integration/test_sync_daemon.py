@@ -58,6 +58,7 @@ def test_full_then_incremental_by_hash_compare(daemon: Daemon, fm_env: Env, sour
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+@pytest.mark.row(11)
 def test_kill9_mid_sync_resumes_without_recopying(fm_env: Env, source: Export) -> None:
     d = Daemon(fm_env, "--no-probe")
     d.wait_ready()

@@ -77,6 +77,7 @@ def test_job_runs_and_reports_result(setup: tuple[Path, threading.Event]) -> Non
     assert j["progress"]["done"] == 100 and j["requested_by"] == "alice"
 
 
+@pytest.mark.row(27)
 def test_second_job_on_same_machine_is_refused(setup: tuple[Path, threading.Event]) -> None:
     path, release = setup
     r = make_runner(path, release)

@@ -77,6 +77,7 @@ def test_newer_schema_is_refused_and_untouched(tmp_path: Path) -> None:
     assert digest(path) == before
 
 
+@pytest.mark.row(15)
 def test_damaged_store_is_refused_and_untouched(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     path.write_bytes(b"this is not a database" * 500)
@@ -92,6 +93,7 @@ def test_store_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
         open_store(tmp_path / "file" / "state.db")
 
 
+@pytest.mark.row(15)
 def test_backup_is_consistent_copy(tmp_path: Path) -> None:
     db = open_store(tmp_path / "s.db")
     audit(db, "alice", "console", "source.add", {"name": "vc1"}, "ok")
@@ -116,3 +118,20 @@ def test_audit_chain_detects_edit_and_delete(tmp_path: Path) -> None:
     db.execute("DELETE FROM audit WHERE id=2")
     ok, why = audit_verify(db)
     assert not ok and why.startswith("audit entry 3") and "after entry 1" in why
+
+
+@pytest.mark.row(15)
+def test_torn_copy_is_refused(tmp_path: Path) -> None:
+    """A store copied with cp that stopped halfway (or lost pages) is refused at start."""
+    db = open_store(tmp_path / "s.db")
+    for i in range(300):
+        audit(db, "op", "console", "a", {"i": i, "pad": "x" * 500}, "ok")
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    data = (tmp_path / "s.db").read_bytes()
+    torn = tmp_path / "torn.db"
+    torn.write_bytes(data[: len(data) // 2] + bytes(4096) + data[len(data) // 2 + 4096 :])
+    before = digest(torn)
+    with pytest.raises(StoreError, match=r"failed quick_check|damaged"):
+        open_store(torn)
+    assert digest(torn) == before
