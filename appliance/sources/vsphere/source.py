@@ -90,6 +90,7 @@ class VSphereDiskExport:
 
     @property
     def data_bytes(self) -> int:
+        """Bytes this disk's sync reads: the progress total before any zero detection."""
         return sum(length for _, length in self.areas)
 
 

@@ -237,19 +237,3 @@ def data_path_context(policy: TlsPolicy, endpoint: str) -> ssl.SSLContext:
     mismatch is found before any snapshot, not mid-copy.
     """
     return make_context(policy, endpoint)
-
-
-def require_confirmed(policy: TlsPolicy, host: str, port: int) -> None:
-    """At first contact in mode "ca": a certificate no system CA trusts must be pinned first.
-
-    Raises :class:`CertificateUnconfirmed` carrying the presented fingerprint for the CLI/TUI.
-    """
-    if policy.mode != "ca":
-        return
-    try:
-        _handshake(host, port, make_context(policy, f"{host}:{port}"), PROBE_TIMEOUT)
-    except ssl.SSLCertVerificationError as e:
-        cert = probe(host, port)
-        raise CertificateUnconfirmed(
-            f"{host}:{port}", cert.sha256, e.verify_message or str(e)
-        ) from e
