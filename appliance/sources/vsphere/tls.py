@@ -22,7 +22,6 @@ from typing import Any, Literal
 
 from appliance.sources.vsphere.errors import (
     CertificateChanged,
-    CertificateUnconfirmed,
     VSphereUnreachable,
 )
 
