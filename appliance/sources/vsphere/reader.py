@@ -56,6 +56,7 @@ RETRIES = 3
 RETRY_DELAY = 2  # seconds
 _RETRY_PARAMS = [f"retries={RETRIES}", f"retry-delay={RETRY_DELAY}", "retry-exponential=no"]
 PLUGIN = Path(__file__).with_name("https_plugin.py")
+MAX_SOCKET_PATH = 107  # bytes: sizeof(sockaddr_un.sun_path) - 1 on Linux
 
 
 def folder_url(host: str, port: int, datacenter: str, datastore: str, path: str) -> str:
@@ -209,10 +210,18 @@ class NbdkitExport:
 
 
 def _workdir(run_dir: Path | None, label: str) -> Path:
+    """A 0700 directory for one export's socket, secrets and log.
+
+    Unix socket paths are limited to 107 bytes; when ``run_dir`` is too deep for that, the
+    directory goes to the system temporary directory instead (still 0700), with a warning.
+    """
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
-    safe = "".join(c if c.isalnum() else "-" for c in label)[:40]
-    return Path(tempfile.mkdtemp(prefix=f"vsphere-{safe}-", dir=run_dir))
+        if len(str(run_dir)) + len("/vs-XXXXXXXX/nbd.sock") > MAX_SOCKET_PATH:
+            log.warning("%s: %s is too deep for a unix socket; using %s", label, run_dir,
+                        tempfile.gettempdir())  # fmt: skip
+            run_dir = None
+    return Path(tempfile.mkdtemp(prefix="vs-", dir=run_dir))
 
 
 def curl_export(
