@@ -30,13 +30,19 @@ MiB = 1024 * 1024
 
 
 class NbdkitServer:
-    """nbdkit in the foreground on a unix socket; restartable on the same socket."""
+    """nbdkit on a unix socket, restartable on the same socket.
+
+    nbdkit runs daemonised (re-parented to init) and is stopped by the PID in its pid file:
+    started in the foreground, it would die with the THREAD that started it (nbdkit sets
+    PR_SET_PDEATHSIG), which breaks restarts from a helper thread."""
 
     def __init__(self, sock_dir: Path, args: list[str], name: str = "") -> None:
         self.args = args
-        self.sock = sock_dir / f"nbdkit-{name or uuid.uuid4().hex[:8]}.sock"
-        self.log = sock_dir / (self.sock.name + ".log")
-        self.proc: subprocess.Popen[bytes] | None = None
+        tag = name or uuid.uuid4().hex[:8]
+        self.sock = sock_dir / f"nbdkit-{tag}.sock"
+        self.pidfile = sock_dir / f"nbdkit-{tag}.pid"
+        self.log = sock_dir / f"nbdkit-{tag}.log"
+        self._pid: int | None = None
 
     @property
     def uri(self) -> str:
@@ -44,45 +50,59 @@ class NbdkitServer:
 
     @property
     def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        assert self._pid is not None
+        return self._pid
 
     def start(self) -> NbdkitServer:
-        with contextlib.suppress(FileNotFoundError):
-            self.sock.unlink()
+        for p in (self.sock, self.pidfile):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
+            r = subprocess.run(
                 [
                     "nbdkit",
-                    "-f",
-                    "-v" if os.environ.get("NBDKIT_DEBUG") else "--exit-with-parent",
                     "--unix",
                     str(self.sock),
+                    "--pidfile",
+                    str(self.pidfile),
+                    "--log=stderr",
                     *self.args,
                 ],
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
+                timeout=30,
             )
+        if r.returncode != 0:
+            raise RuntimeError(f"nbdkit failed to start: {self.log.read_text()[-2000:]}")
         end = time.monotonic() + 10
         while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nbdkit exited: {self.log.read_text()[-2000:]}")
-            if self.sock.exists():
-                try:
-                    h = nbd.NBD()
-                    h.connect_uri(self.uri)
-                    h.shutdown()
-                    return self
-                except nbd.Error:
-                    pass
+            if self.pidfile.exists() and self.pidfile.read_text().strip():
+                self._pid = int(self.pidfile.read_text().strip())
+                h = nbd.NBD()
+                h.connect_uri(self.uri)
+                h.shutdown()
+                return self
             time.sleep(0.02)
-        raise RuntimeError("nbdkit did not start")
+        raise RuntimeError("nbdkit did not write its pid file")
+
+    @property
+    def alive(self) -> bool:
+        return (
+            self._pid is not None
+            and Path(f"/proc/{self._pid}").exists()
+            and "zombie" not in Path(f"/proc/{self._pid}/status").read_text(errors="replace")
+        )
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(10)
+        if self._pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._pid, sig)
+        end = time.monotonic() + 10
+        while time.monotonic() < end and Path(f"/proc/{self._pid}").exists():
+            time.sleep(0.02)
+        self._pid = None
 
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
@@ -387,3 +407,159 @@ def tiny_guest(dp_dir: Path) -> Iterator[Callable[..., TinyGuest]]:
         with contextlib.suppress(libvirt.libvirtError):
             g.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
     conn.close()
+
+
+# -- proofs and a killable engine ------------------------------------------------------------
+
+
+def assert_ranges_equal(
+    image: Path, source_uri: str, ranges: list[tuple[int, int]], sock_dir: Path, fmt: str = "qcow2"
+) -> int:
+    """Every (offset, length) range reads the same from the source and from ``image``
+    (typically a partial overlay after a crash). Returns the bytes compared."""
+    from appliance.datapath import extents as ex
+    from appliance.datapath.copier import connect
+
+    total = 0
+    with QemuNbd(image, sock_dir, read_only=True, fmt=fmt) as rd:
+        a = connect(source_uri)
+        b = connect(rd.uri)
+        for off, n in ex.coalesce_ranges(ranges):
+            pos = off
+            while pos < off + n:
+                k = min(MiB, off + n - pos)
+                assert a.pread(k, pos) == b.pread(k, pos), f"journaled range at {pos} differs"
+                pos += k
+                total += k
+    return total
+
+
+class FileJournal:
+    """A Journal that survives SIGKILL: one fsync'd line per call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def done(self, disk_key: str, offset: int, length: int) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{disk_key} {offset} {length}\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def ranges(self, disk_key: str = "vda") -> list[tuple[int, int]]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == disk_key:
+                out.append((int(parts[1]), int(parts[2])))
+        return out
+
+
+ENGINE_CHILD = r"""
+import json, sys, threading
+sys.path.insert(0, sys.argv[2])
+from pathlib import Path
+from appliance.datapath.chain import DiskChain
+from appliance.datapath.copier import RetryPolicy
+from appliance.datapath.sync import sync_session
+from appliance.sources.nbd import NbdSource
+from tests.datapath_fixtures import FileJournal
+a = json.loads(sys.argv[1])
+journal = FileJournal(Path(a["journal"]))
+src = NbdSource({"disks": {"vda": a["uri"]}, "snapshot_id": a["snapshot_id"]})
+session = src.open_session(src.ref(), a.get("token"))
+res = sync_session(session, {"vda": DiskChain(Path(a["chain"]))}, point_name=a["point"],
+                   socket_dir=Path(a["sock"]), journal=journal,
+                   resume_from={"vda": journal.ranges()}, **a.get("opts", {}))
+print(json.dumps([r.as_dict() for r in res]))
+"""
+
+
+def spawn_engine(args: dict[str, Any]) -> subprocess.Popen[str]:
+    """The sync engine in a child process (to SIGKILL it): syncs NBD args['uri'] into the
+    chain at args['chain'], journaling into args['journal'], resuming from it."""
+    import json
+    import sys
+
+    repo = str(Path(__file__).resolve().parents[1])
+    return subprocess.Popen(
+        [sys.executable, "-c", ENGINE_CHILD, json.dumps(args), repo],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def writers_of(image: Path) -> list[int]:
+    """PIDs of qemu-nbd processes serving ``image`` (to prove none is left behind)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmd and cmd[0].endswith(b"qemu-nbd") and str(image).encode() in cmd:
+            out.append(int(d.name))
+    return out
+
+
+HANG_PLUGIN = r"""
+import os, random, time
+import nbdkit
+
+API_VERSION = 2
+size = 0
+hang = ""
+
+
+def config(key, value):
+    global size, hang
+    if key == "size":
+        size = int(value)
+    elif key == "hang-file":
+        hang = value
+
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def open(readonly):
+    return 1
+
+
+def get_size(h):
+    return size
+
+
+def block_size(h):
+    return (1, 65536, 32 * 1024 * 1024)
+
+
+def pread(h, buf, offset, flags):
+    # While the hang file exists every read blocks: the source "hangs" (row 4).
+    while hang and os.path.exists(hang):
+        time.sleep(0.05)
+    n = len(buf)
+    pos = 0
+    while pos < n:
+        blk = (offset + pos) // 65536
+        data = random.Random(blk).randbytes(65536)
+        start = (offset + pos) % 65536
+        k = min(65536 - start, n - pos)
+        buf[pos:pos + k] = data[start:start + k]
+        pos += k
+"""
+
+
+def hang_plugin(directory: Path) -> Path:
+    """An nbdkit python plugin serving reproducible random data whose reads block while a
+    'hang-file' exists (the pause filter of nbdkit 1.32 sometimes dies on resume once the
+    client has abandoned paused connections, which is exactly what a timeout does)."""
+    p = directory / "hangplugin.py"
+    p.write_text(HANG_PLUGIN)
+    return p

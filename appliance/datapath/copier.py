@@ -145,8 +145,8 @@ class _Req:
 
 
 def _err_of(e: BaseException) -> int:
-    n = getattr(e, "errno", None)
-    return int(n) if n else errno.EIO
+    n = getattr(e, "errnum", None)  # nbd.Error: errnum is the int, errno its name
+    return int(n) if isinstance(n, int) and n else errno.EIO
 
 
 def connect(
@@ -156,6 +156,9 @@ def connect(
     h = nbd.NBD()
     h.set_handle_name(name)
     h.set_pread_initialize(False)  # we check every read's status; skip the memset
+    # URIs come only from sources an admin registered: let them name a TLS PSK or
+    # certificate file (nbds://host/?tls-psk-file=...). nbds:// makes TLS required.
+    h.set_uri_allow_local_file(True)
     for c in contexts:
         h.add_meta_context(c)
     h.aio_connect_uri(uri)
@@ -389,9 +392,12 @@ class Copier:
             try:
                 self._src.aio_pread(r.buf, r.offset, self._cb("read", rid, r))
             except nbd.Error as e:
-                # The handle refused the request: the connection is gone.
+                # The handle refused the request: most often the connection is gone.
                 del self._src_inflight[rid]
-                self._events.append(("read", r, _err_of(e) or errno.ENOTCONN))
+                err = _err_of(e)
+                if self._src.aio_is_dead() or self._src.aio_is_closed():
+                    err = errno.ENOTCONN
+                self._events.append(("read", r, err))
             self.stats.requests += 1
         return 1.0
 
@@ -492,7 +498,11 @@ class Copier:
                 self._flush_done(err)
             else:
                 self._write_done(kind, r, err)
-        if self._src is not None and self._src.aio_is_dead() and self._failure is None:
+        if (
+            self._src is not None
+            and (self._src.aio_is_dead() or self._src.aio_is_closed())
+            and self._failure is None
+        ):
             self._reconnect(reqs, "the source connection died")
 
     def _read_done(
@@ -689,6 +699,7 @@ class Copier:
                 self._src = h
                 break
             except nbd.Error as e:
+                log.info("disk %s: reconnect failed: %s", self.disk, e.string)
                 if self.clock() - start >= self.retry.retry_window:
                     self._failure = SourceUnavailable(
                         self.disk,

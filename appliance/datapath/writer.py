@@ -14,6 +14,7 @@ flushed and exited (design.md, facts): ``stop()`` waits for the exit and checks 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -32,6 +33,17 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 30.0  # qemu-nbd flushes on SIGTERM; a large writeback cache takes a moment
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """qemu-nbd gets SIGTERM (flush, exit) when the thread that started it dies, so a
+    killed engine never leaves a writer holding the partial overlay's lock. The signal is
+    tied to the starting THREAD: start and stop a QemuNbd in the same thread (the job's)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def supports_odirect(directory: Path) -> bool:
@@ -109,7 +121,11 @@ class QemuNbd:
     def start(self) -> QemuNbd:
         with open(self._stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
-                self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
+                self.argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                preexec_fn=_die_with_parent,
             )
         end = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < end:
