@@ -62,7 +62,7 @@ class ThumbprintDialog(FerrymanModal):
 
     def compose(self) -> ComposeResult:
         c = self.cert
-        fp = c.get("thumbprint", "")
+        fp = str(c.get("thumbprint", "")).replace(":", "").lower()  # any spelling
         pairs = ":".join(fp[i : i + 2] for i in range(0, len(fp), 2)).upper()
         with Vertical(classes="dialog"):
             yield Static("! Certificate not trusted by any system CA", classes="dialog-title")
