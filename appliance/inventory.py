@@ -39,7 +39,7 @@ def validate_name(name: str, what: str) -> str:
     return name
 
 
-def validate_source(kind: str, uri: str) -> None:
+def validate_source(kind: str, uri: str, *, insecure: bool = False) -> None:
     if kind not in KINDS:
         raise InventoryError(f"unknown source kind '{kind}'", hint=f"one of: {', '.join(KINDS)}")
     scheme = urlparse(uri).scheme
@@ -47,6 +47,13 @@ def validate_source(kind: str, uri: str) -> None:
         raise InventoryError(
             f"'{uri}' is not a {kind} address",
             hint=f"it must start with {' or '.join(s + '://' for s in SCHEMES[kind])}",
+        )
+    if kind == "nbd" and scheme == "nbd" and not insecure:
+        # Reached over a network: disk contents would cross it in clear text.
+        raise InventoryError(
+            f"'{uri}' reaches an NBD server over the network without TLS",
+            hint="use nbds://USER@HOST/EXPORT?tls-psk-file=/root/keys.psk (TLS required), or add "
+            "--insecure to accept clear text on a trusted link (recorded)",
         )
 
 
@@ -110,7 +117,7 @@ def insert_source(
     insecure: bool,
 ) -> dict[str, Any]:
     validate_name(name, "source")
-    validate_source(kind, uri)
+    validate_source(kind, uri, insecure=insecure)
     with write_txn(db):
         if db.execute("SELECT 1 FROM sources WHERE name=?", [name]).fetchone():
             raise Conflict(

@@ -68,7 +68,7 @@ class DaemonState:
 
     def add_source(self, req: Any) -> dict[str, Any]:
         inventory.validate_name(req.name, "source")
-        inventory.validate_source(req.kind, req.uri)
+        inventory.validate_source(req.kind, req.uri, insecure=req.insecure)
         if req.kind == "vsphere" and not req.password:
             raise inventory.InventoryError(
                 f"source '{req.name}' needs a password", hint="give the vCenter user's password"
@@ -110,9 +110,10 @@ class DaemonState:
                 insecure=req.insecure,
             )
         if req.insecure:
+            what = "no certificate check" if req.kind == "vsphere" else "no TLS"
             add_event(
                 self.db,
-                f"source {req.name} added in INSECURE TLS mode (no certificate check)",
+                f"source {req.name} added in INSECURE mode ({what})",
                 level="warning",
                 kind="source",
             )
