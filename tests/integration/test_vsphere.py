@@ -660,3 +660,35 @@ def test_pinned_reader_refuses_a_changed_certificate_before_sending_the_cookie(
     )
     assert mitm.handshakes >= 1
     assert mitm.received == b"", "the reader sent bytes to a server with the wrong certificate"
+
+
+def test_a_killed_reader_is_restarted_on_the_same_socket(
+    vsphere_vm: VsphereVm, protected: tuple[VSphereSource, Chain]
+) -> None:
+    # Reliability row 3 on this source: the reader (nbdkit) dies mid-sync; the session's
+    # watch thread starts it again on the same socket, so the copier's reconnect succeeds.
+    import signal
+
+    import nbd
+
+    src, _ = protected
+    s = src.open_session(vsphere_vm.moref, None)
+    try:
+        export = s.disks[0].export  # type: ignore[attr-defined]
+        assert export.proc is not None
+        os.kill(export.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while export.restarts == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert export.restarts == 1 and export.alive()
+        h = nbd.NBD()
+        h.connect_uri(s.disks[0].nbd_uri)
+        data = h.pread(MiB, 40 * MiB)
+        h.shutdown()
+        assert any("reader restarted" in e for e in s.events)
+        assert not (export.workdir / "cookie").exists()  # shredded again after the restart
+    finally:
+        s.release()
+    with open(vsphere_vm.flat, "rb") as f:
+        f.seek(40 * MiB)
+        assert data == f.read(MiB)

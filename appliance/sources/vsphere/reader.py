@@ -132,9 +132,12 @@ class NbdkitExport:
     argv: list[str]
     workdir: Path
     size: int
-    secrets: list[Path] = field(default_factory=list)
+    secrets: list[Path] = field(default_factory=list)  # files to shred once nbdkit is up
     proc: subprocess.Popen[bytes] | None = None
     own_workdir: bool = True
+    # What the secret files hold, kept in memory to restart nbdkit after it died.
+    secret_values: dict[Path, Secret] = field(default_factory=dict, repr=False)
+    restarts: int = 0
 
     @property
     def socket(self) -> Path:
@@ -188,6 +191,32 @@ class NbdkitExport:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def restart_if_dead(self) -> bool:
+        """Start nbdkit again on the same socket if it exited (killed, crashed).
+
+        The copier reconnects to the same URI after a dropped connection (reliability row 3),
+        so a restarted reader lets the sync go on instead of failing. Returns True when it
+        restarted. Raises DatastoreReadError when the restart fails.
+        """
+        if self.proc is None or self.alive() or not self.workdir.exists():
+            return False
+        log.warning(
+            "%s: nbdkit exited (status %s); restarting it on %s",
+            self.label,
+            self.proc.returncode,
+            self.socket,
+        )
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+        for path, secret in self.secret_values.items():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            _write_secret(path.parent, path.name, secret)
+        self.secrets = list(self.secret_values)
+        self.start()
+        self.restarts += 1  # counted once it serves again
+        return True
 
     def close(self) -> None:
         """Stop nbdkit (SIGTERM, then SIGKILL) and remove the socket and secrets. Idempotent."""
@@ -257,7 +286,14 @@ def curl_export(
         *params,
         *_RETRY_PARAMS,
     ]
-    return NbdkitExport(label=label, argv=argv, workdir=work, size=size, secrets=[cookie_file])
+    return NbdkitExport(
+        label=label,
+        argv=argv,
+        workdir=work,
+        size=size,
+        secrets=[cookie_file],
+        secret_values={cookie_file: cookie},
+    )
 
 
 def pinned_export(
@@ -291,7 +327,14 @@ def pinned_export(
         f"timeout={CURL_TIMEOUT}",
         *_RETRY_PARAMS,
     ]
-    return NbdkitExport(label=label, argv=argv, workdir=work, size=size, secrets=[cookie_file])
+    return NbdkitExport(
+        label=label,
+        argv=argv,
+        workdir=work,
+        size=size,
+        secrets=[cookie_file],
+        secret_values={cookie_file: cookie},
+    )
 
 
 def datastore_export(
@@ -379,4 +422,6 @@ def vddk_export(
         f"transports={transports}",
         f"file={file}",
     ]
-    return NbdkitExport(label=label, argv=argv, workdir=work, size=size, secrets=[pw])
+    return NbdkitExport(
+        label=label, argv=argv, workdir=work, size=size, secrets=[pw], secret_values={pw: password}
+    )

@@ -52,6 +52,7 @@ TOKEN_VERSION = 1
 # vCenter ends idle sessions after 30 min by default; whether datastore reads count as activity
 # is not documented, so a copy keeps the SOAP session busy itself.
 KEEPALIVE = 300.0  # seconds
+WATCH = 1.0  # seconds between checks that every reader still runs
 
 
 @dataclass
@@ -113,19 +114,32 @@ class VSphereSyncSession:
     _keepalive: threading.Thread | None = None
 
     def start_keepalive(self, interval: float = KEEPALIVE) -> None:
-        """Keep the vSphere session (whose cookie nbdkit uses) from idling out mid-copy."""
+        """One watch thread per session: restarts a reader that died (the copier reconnects
+        to the same socket) and keeps the vSphere session, whose cookie the readers use, from
+        idling out mid-copy."""
         client = self._client
         if client is None or self._keepalive is not None:
             return
 
         def run() -> None:
-            while not self._stop_keepalive.wait(interval):
-                try:
-                    client.keepalive()
-                except Exception as e:  # a dead session shows up as read errors; just log
-                    log.warning("%s: session keep-alive failed: %s", self.vm_name, e)
+            last = time.monotonic()
+            while not self._stop_keepalive.wait(min(WATCH, interval)):
+                for d in self._exports:
+                    try:
+                        if d.export.restart_if_dead():
+                            self.events.append(
+                                f"disk {d.disk.key}: reader restarted after it exited"
+                            )
+                    except VSphereError as e:
+                        log.warning("%s: %s", self.vm_name, e)
+                if time.monotonic() - last >= interval:
+                    last = time.monotonic()
+                    try:
+                        client.keepalive()
+                    except Exception as e:  # a dead session shows up as read errors
+                        log.warning("%s: session keep-alive failed: %s", self.vm_name, e)
 
-        self._keepalive = threading.Thread(target=run, name=f"vsphere-keepalive-{self.vm_ref}")
+        self._keepalive = threading.Thread(target=run, name=f"vsphere-watch-{self.vm_ref}")
         self._keepalive.daemon = True
         self._keepalive.start()
 
