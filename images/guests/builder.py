@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 SUITE = "bookworm"
-GUESTS = ("vmware-like", "lvm-static", "windows-phony")
+GUESTS = ("vmware-like", "lvm-static", "windows-phony", "agent-server")
 DISK_SIZE = 3 * 1024**3  # bytes; minbase + kernel + open-vm-tools fill ~700 MiB
 BOOT_SIZE_MIB = 300  # separate /boot of lvm-static; two kernels + initramfs fit in 300 MiB
 # Files that shape every Debian guest; a change to any of them rebuilds all of them.
@@ -185,6 +185,11 @@ UUIDS = {
     "lvm-static": {
         "root": "5e1f2a3b-0c4d-4e5f-8a9b-000000000002",
         "boot": "5e1f2a3b-0c4d-4e5f-8a9b-000000000003",
+    },
+    # Same LVM layout as lvm-static (vg0/root + /boot); the linux-agent tests' server.
+    "agent-server": {
+        "root": "5e1f2a3b-0c4d-4e5f-8a9b-000000000004",
+        "boot": "5e1f2a3b-0c4d-4e5f-8a9b-000000000005",
     },
 }
 
