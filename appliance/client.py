@@ -232,3 +232,95 @@ class Client:
                     hint=f"follow it with: ferryman job show {job_id}",
                 )
             time.sleep(poll)
+
+    # -- plans, test runs, cutover (issue 6) ------------------------------------------------
+
+    def plans(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/plans"))
+
+    def plan(self, name: str, version: int | None = None) -> dict[str, Any]:
+        params = {"version": version} if version is not None else {}
+        return dict(self._call("GET", f"/v1/plans/{name}", params=params))
+
+    def plan_schema(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/plans/schema"))
+
+    def validate_plan(self, document: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._call("POST", "/v1/plans/validate", json={"document": document}))
+
+    def new_plan(self, name: str, machines: list[str] | None = None) -> dict[str, Any]:
+        body = {"name": name, "machines": machines}
+        return dict(self._call("POST", "/v1/plans/new", json=body))
+
+    def save_plan(self, name: str, document: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._call("PUT", f"/v1/plans/{name}", json={"document": document}))
+
+    def plan_diff(self, name: str, a: int | None = None, b: int | None = None) -> dict[str, Any]:
+        params = {k: v for k, v in (("a", a), ("b", b)) if v is not None}
+        return dict(self._call("GET", f"/v1/plans/{name}/diff", params=params))
+
+    def test_run(self, plan: str, version: int | None = None) -> dict[str, Any]:
+        body = {"version": version}
+        return dict(self._call("POST", f"/v1/plans/{plan}/testruns", json=body))
+
+    def test_runs(self, plan: str | None = None) -> list[dict[str, Any]]:
+        params = {"plan": plan} if plan else {}
+        return list(self._call("GET", "/v1/testruns", params=params))
+
+    def test_run_show(self, run_id: int) -> dict[str, Any]:
+        return dict(self._call("GET", f"/v1/testruns/{run_id}"))
+
+    def test_run_report_text(self, run_id: int) -> str:
+        r = self._http.get(f"/v1/testruns/{run_id}/report", params={"format": "text"})
+        if r.status_code >= 400:
+            self._call("GET", f"/v1/testruns/{run_id}")  # raises the API's error
+        return r.text
+
+    def test_run_cancel(self, run_id: int) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/testruns/{run_id}/cancel"))
+
+    def cutover_start(
+        self,
+        plan: str,
+        *,
+        version: int | None = None,
+        mode: str = "guided",
+        shutdown_timeout_s: float = 300.0,
+    ) -> dict[str, Any]:
+        body = {"version": version, "mode": mode, "shutdown_timeout_s": shutdown_timeout_s}
+        return dict(self._call("POST", f"/v1/plans/{plan}/cutovers", json=body))
+
+    def cutover_status(self, run_id: int) -> dict[str, Any]:
+        return dict(self._call("GET", f"/v1/cutovers/{run_id}"))
+
+    def cutovers(self, plan: str | None = None) -> list[dict[str, Any]]:
+        params = {"plan": plan} if plan else {}
+        return list(self._call("GET", "/v1/cutovers", params=params))
+
+    def cutover_confirm(self, run_id: int, step: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/cutovers/{run_id}/confirm", json={"step": step}))
+
+    def cutover_rollback_run(self, run_id: int) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/cutovers/{run_id}/rollback"))
+
+    def cutover_report_text(self, run_id: int) -> str:
+        r = self._http.get(f"/v1/cutovers/{run_id}/report", params={"format": "text"})
+        if r.status_code >= 400:
+            self._call("GET", f"/v1/cutovers/{run_id}")
+        return r.text
+
+    def wait_run(
+        self, run_id: int, *, until: tuple[str, ...], timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Poll a plan run (test run or cutover) until its state is one of ``until``."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            run = self.test_run_show(run_id)
+            if run["state"] in until:
+                return run
+            if end is not None and time.monotonic() > end:
+                raise DaemonError(
+                    f"plan run {run_id} still {run['state']} ({run['step']}) after {timeout:.0f} s",
+                    hint=f"follow it with: ferryman testrun show {run_id}",
+                )
+            time.sleep(1.0)

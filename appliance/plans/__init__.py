@@ -1,0 +1,1 @@
+"""DR plans: the document, its validation and versions, test runs and cutover."""
