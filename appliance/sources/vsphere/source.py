@@ -318,7 +318,7 @@ class VSphereSource:
                 # passed, so turning it on here is what protect would do.
                 events += protect.enable_cbt(client, vm)
                 previous_token = None
-            first = "first sync"
+            first = "first sync (or a full copy was asked for)"
             if previous_token and previous_token.get("instance_uuid") not in (
                 None,
                 p.get("config.instanceUuid"),
@@ -408,7 +408,7 @@ class VSphereSource:
         snap: Any,
         d: VmDisk,
         previous: dict[str, Any] | None,
-        first: str = "first sync",
+        first: str = "first sync (or a full copy was asked for)",
     ) -> tuple[str, list[tuple[int, int]], str]:
         """(mode, data areas, reason when full) for one disk of the snapshot."""
         prev = ((previous or {}).get("disks") or {}).get(str(d.key))
