@@ -30,7 +30,7 @@ from appliance.convert import linux
 from appliance.convert.errors import ConversionFailed, ConvertError, PreflightRefused
 from appliance.convert.files import GuestfsFiles
 from appliance.convert.gfs import guarded, open_disks
-from appliance.convert.inspect import inspect_handle, inspect_image
+from appliance.convert.inspect import inspect_handle, inspect_image, refresh
 from appliance.convert.preflight import Backend, Verdict, preflight
 from appliance.convert.v2v import run_virt_v2v_in_place
 from appliance.convert.verify import VerifyReport, check
@@ -150,24 +150,26 @@ def convert(
     custom = customise_mod.Customisation.from_plan(plan)
     t0 = time.monotonic()
     create_overlay(restore_point, overlay)
+    v2v_args = (virtio_win, virt_tools_dir, progress, cancel, timeout, log_dir)
     try:
-        if backend == "virt-v2v" or (backend is None and _looks_windows(overlay, keys, timeout)):
-            result = _convert_v2v(
-                restore_point,
-                overlay,
-                custom,
-                keys,
-                virtio_win,
-                virt_tools_dir,
-                progress,
-                cancel,
-                timeout,
-                log_dir,
-            )
+        if backend == "virt-v2v":
+            result = _convert_v2v(restore_point, overlay, custom, keys, *v2v_args)
         else:
-            result = _convert_builtin(
-                restore_point, overlay, custom, keys, progress, cancel, timeout, initramfs
-            )
+            try:
+                result = _convert_builtin(
+                    restore_point,
+                    overlay,
+                    custom,
+                    keys,
+                    progress,
+                    cancel,
+                    timeout,
+                    initramfs,
+                    switch_to_v2v=backend is None,
+                )
+            except _IsWindows:
+                # No backend chosen and the guest is Windows: virt-v2v is its default.
+                result = _convert_v2v(restore_point, overlay, custom, keys, *v2v_args)
     except BaseException:
         overlay.unlink(missing_ok=True)  # a half-converted overlay is worthless
         raise
@@ -177,8 +179,8 @@ def convert(
     return result
 
 
-def _looks_windows(overlay: Path, keys: dict[str, str] | None, timeout: float) -> bool:
-    return inspect_image(overlay, keys=keys, timeout=timeout).os_type == "windows"
+class _IsWindows(Exception):
+    """Raised inside the built-in path when inspection finds Windows and no backend was set."""
 
 
 def _refuse(verdict: Verdict, what: Path) -> None:
@@ -200,6 +202,8 @@ def _convert_builtin(
     cancel: threading.Event | None,
     timeout: float,
     initramfs: InitramfsStrategy,
+    *,
+    switch_to_v2v: bool = False,
 ) -> ConvertResult:
     steps = _Steps(progress, cancel, 8)
     changes: list[str] = []
@@ -210,6 +214,8 @@ def _convert_builtin(
     ):
         steps("inspect")
         insp = inspect_handle(g, image=str(overlay), keys=keys, writable=True)
+        if insp.os_type == "windows" and switch_to_v2v:
+            raise _IsWindows
         verdict = preflight(insp, backend="builtin")
         _refuse(verdict, restore_point)
         files = GuestfsFiles(g)
@@ -242,9 +248,7 @@ def _convert_builtin(
 
         steps("verify")
         g.sync()
-        g.umount_all()
-        after = inspect_handle(g, image=str(overlay), keys=keys)
-        report = check(after)
+        report = check(refresh(g, insp))
         g.umount_all()
         steps("close")
     steps.finish()

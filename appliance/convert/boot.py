@@ -138,6 +138,7 @@ def boot(
     memory_mib: int = DEFAULT_MEMORY_MIB,
     accel: str = "tcg",
     snapshot: bool = True,
+    image_format: str = "qcow2",
     cancel: threading.Event | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> BootResult:
@@ -158,6 +159,7 @@ def boot(
         memory_mib=memory_mib,
         accel=accel,
         snapshot=snapshot,
+        image_format=image_format,
     )
     log.info("booting %s on %s/%s: %s", image, disk_bus, nic_model, " ".join(cmd))
     stderr_path = console.with_suffix(console.suffix + ".qemu-stderr")

@@ -42,7 +42,7 @@ class Customisation:
         if not plan:
             return cls()
         if not isinstance(plan, dict):
-            raise PlanError(f"{where} must be an object", hint="see docs/conversion.md")
+            raise PlanError(f"{where} must be an object", hint="see appliance/convert/README.md")
         unknown = set(plan) - KNOWN_KEYS
         if unknown:
             raise PlanError(

@@ -11,6 +11,7 @@ deadline and the listing stops at a size limit.
 from __future__ import annotations
 
 import subprocess
+import zlib
 from pathlib import Path
 
 from appliance.convert.errors import InspectError
@@ -59,6 +60,17 @@ def list_files(data: bytes) -> list[str]:
         if head in NEWC:
             pos = _parse_newc(data, pos, names)
             continue
+        if data[pos:].startswith(b"\x1f\x8b"):
+            # gzip in-process: a zlib stream tells where it ends, so the archives appended
+            # after it (Ferryman's virtio cpio) are listed too.
+            d = zlib.decompressobj(wbits=31)
+            try:
+                out = d.decompress(data[pos:], MAX_DECOMPRESSED)
+            except zlib.error as e:
+                raise ValueError(f"bad gzip segment at offset {pos}: {e}") from e
+            _parse_all(out, names)
+            pos = len(data) - len(d.unused_data)
+            continue
         for magic, cmd in COMPRESSORS:
             if data[pos:].startswith(magic):
                 try:
@@ -74,18 +86,30 @@ def list_files(data: bytes) -> list[str]:
                         f"cannot decompress the initramfs with {cmd[0]}: {e}",
                         hint=f"install {cmd[0]} on the appliance",
                     ) from e
-                out = r.stdout[:MAX_DECOMPRESSED]
-                # Concatenated compressed streams decompress to consecutive archives.
-                inner = 0
-                while inner < len(out):
-                    while inner < len(out) and out[inner] == 0:
-                        inner += 1
-                    if inner >= len(out) or out[inner : inner + 6] not in NEWC:
-                        break
-                    inner = _parse_newc(out, inner, names)
+                _parse_all(r.stdout[:MAX_DECOMPRESSED], names)
+                # The tool stops at the end of its stream; a gzip archive appended after it
+                # (4-byte aligned, zero padded, as Ferryman appends) is found by its header.
+                nxt = data.find(b"\x1f\x8b\x08", pos + len(magic))
+                while nxt > 0 and (nxt % 4 or data[nxt - 1] != 0):
+                    nxt = data.find(b"\x1f\x8b\x08", nxt + 1)
+                if nxt > 0:
+                    pos = nxt
+                    break
                 return names
-        raise ValueError(f"unknown initramfs segment at offset {pos}: {head!r}")
+        else:
+            raise ValueError(f"unknown initramfs segment at offset {pos}: {head!r}")
     return names
+
+
+def _parse_all(out: bytes, names: list[str]) -> None:
+    """Consecutive archives of one decompressed stream."""
+    inner = 0
+    while inner < len(out):
+        while inner < len(out) and out[inner] == 0:
+            inner += 1
+        if inner >= len(out) or out[inner : inner + 6] not in NEWC:
+            break
+        inner = _parse_newc(out, inner, names)
 
 
 def list_file(path: Path) -> list[str]:

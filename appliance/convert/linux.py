@@ -10,11 +10,11 @@ One libguestfs launch on a writable overlay does all of it:
 4. serial console on the kernel line; drop MAC bindings of the network configuration;
 5. regenerate the grub configuration with the guest's grub-mkconfig.
 
-Why the guest's own tool and only one kernel: the initramfs rebuild is where virt-v2v spends
-half of its time under TCG (design.md). Rebuilding only the default kernel's initramfs keeps the
-cost proportional to what boots; using the guest's tool keeps the result identical to what the
-guest would build itself (hooks, firmware, crypt and LVM scripts), which an appended cpio does
-not guarantee for dracut-based guests. See docs/conversion.md for the measured comparison.
+Why only one kernel, and two initramfs strategies: the initramfs rebuild is where virt-v2v
+spends half of its time under TCG (design.md). Only the boot kernel's image is touched. For
+initramfs-tools guests the default appends a small cpio with the virtio modules (seconds);
+the guest's own update-initramfs / dracut / mkinitcpio is the other strategy and the only one
+for dracut and mkinitcpio guests. Measured figures and reasons: appliance/convert/README.md.
 
 The decisions (which files to edit, which commands to run) are separated from their execution
 so that unit tests check them on file trees for every family.
@@ -243,7 +243,7 @@ printf '%s\n' {load} >> "$w/stage/conf/modules"
 ( cd "$w/stage" && find . -mindepth 1 | sed 's|^\./||' | grep -v '^lib$' | sort \
     | cpio -o -H newc --quiet -R 0:0 | gzip -1 > "$w/virtio.cpio.gz" )
 # The kernel unpacks concatenated archives in order; later files replace earlier ones.
-size=$(stat -c %s "$initrd"); pad=$(( (4 - size % 4) % 4 ))
+size=$(stat -c %s "$initrd"); pad=$(( 4 + (4 - size % 4) % 4 ))
 head -c "$pad" /dev/zero >> "$initrd"
 cat "$w/virtio.cpio.gz" >> "$initrd"
 stat -c %s "$w/virtio.cpio.gz"

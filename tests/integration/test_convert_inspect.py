@@ -87,7 +87,7 @@ def test_windows_refusal_through_convert(windows_phony_image: Path, tmp_path: Pa
 
     ov = tmp_path / "win.qcow2"
     with pytest.raises(PreflightRefused) as e:
-        convert(windows_phony_image, ov)
+        convert(windows_phony_image, ov, backend="virt-v2v")
     assert "missing virtio-win (not configured)" in str(e.value)
     assert e.value.blockers and not ov.exists()  # the half-made overlay is removed
 
