@@ -692,3 +692,27 @@ def test_a_killed_reader_is_restarted_on_the_same_socket(
     with open(vsphere_vm.flat, "rb") as f:
         f.seek(40 * MiB)
         assert data == f.read(MiB)
+
+
+def test_parallel_reads_on_one_connection_return_the_right_bytes(
+    vsphere_vm: VsphereVm, protected: tuple[VSphereSource, Chain], tmp_path: Path
+) -> None:
+    # The copier keeps many requests in flight on one NBD connection; the pinned reader must
+    # never let two of them share an HTTPS connection. nbdcopy with 32 requests in flight.
+    src, _ = protected
+    with open(vsphere_vm.flat, "r+b") as f:  # every block different: a mix-up cannot hide
+        f.write(os.urandom(128 * MiB))
+    s = src.open_session(vsphere_vm.moref, None)
+    out = tmp_path / "out.raw"
+    try:
+        subprocess.run(
+            ["nbdcopy", "--connections=1", "--requests=32", "--request-size=262144",
+             s.disks[0].nbd_uri, str(out)],
+            check=True,
+            timeout=120,
+        )  # fmt: skip
+    finally:
+        s.release()
+    assert (
+        subprocess.run(["cmp", "-s", str(out), str(vsphere_vm.flat)], check=False).returncode == 0
+    )

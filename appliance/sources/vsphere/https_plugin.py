@@ -10,11 +10,13 @@ of every connection, before the request (and its session cookie) is written.
 Run by :func:`appliance.sources.vsphere.reader.pinned_export`::
 
     nbdkit --readonly python https_plugin.py url=https://h/folder/..  sha256=<64 hex>
-        cookiefile=<0600 file, deleted once nbdkit is up>  size=<bytes>  [timeout=<s>]
+        cookiefile=<0600 file, deleted once nbdkit is up>  size=<bytes>
+        [timeout=<s>] [retries=<n>] [retry-delay=<s>]
 
 Standard library only: nbdkit embeds the system Python, not Ferryman's virtual environment.
-Requests run in parallel (one keep-alive connection per NBD connection); nbdkit's retry
-filter in front reopens after errors.
+Requests run in parallel, each on its own keep-alive HTTPS connection from a per-NBD-connection
+pool (nbdkit's curl plugin serializes them, and so does nbdkit's retry filter, which is why
+this reader retries by itself): over a WAN link many requests in flight hide the latency.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import errno
 import hashlib
 import http.client
 import ssl
+import threading
+import time
 import urllib.parse
 from typing import Any
 
@@ -36,7 +40,7 @@ _state: dict[str, Any] = {}
 
 
 def config(key: str, value: str) -> None:
-    if key not in ("url", "cookiefile", "sha256", "size", "timeout"):
+    if key not in ("url", "cookiefile", "sha256", "size", "timeout", "retries", "retry-delay"):
         raise RuntimeError(f"unknown parameter {key}")
     _cfg[key] = value
 
@@ -56,6 +60,8 @@ def config_complete() -> None:
     _state["sha256"] = _cfg["sha256"].replace(":", "").lower()
     _state["size"] = int(_cfg["size"])
     _state["timeout"] = float(_cfg.get("timeout", "120"))
+    _state["retries"] = int(_cfg.get("retries", "3"))
+    _state["retry_delay"] = float(_cfg.get("retry-delay", "2"))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE  # trust is the pin, checked in _Pinned.connect
@@ -66,6 +72,10 @@ def thread_model() -> int:
     return int(nbdkit.THREAD_MODEL_PARALLEL)
 
 
+class PinMismatch(ssl.SSLError):
+    """The server presented another certificate; never retried."""
+
+
 class _Pinned(http.client.HTTPSConnection):
     def connect(self) -> None:
         super().connect()
@@ -73,8 +83,7 @@ class _Pinned(http.client.HTTPSConnection):
         presented = hashlib.sha256(der).hexdigest()
         if presented != _state["sha256"]:
             self.sock.close()
-            nbdkit.set_error(errno.EACCES)
-            raise ssl.SSLError(
+            raise PinMismatch(
                 f"certificate of {self.host} changed: expected SHA-256 {_state['sha256']}, "
                 f"presented {presented}; nothing was sent"
             )
@@ -85,12 +94,16 @@ def _connect() -> _Pinned:
 
 
 def open(readonly: bool) -> dict[str, Any]:  # nbdkit's callback name
-    return {"conn": None}
+    # Requests of one NBD connection run in parallel (THREAD_MODEL_PARALLEL): each takes its
+    # own HTTPS connection from this pool, so no two share a socket.
+    return {"pool": [], "lock": threading.Lock()}
 
 
 def close(h: dict[str, Any]) -> None:
-    if h["conn"] is not None:
-        h["conn"].close()
+    with h["lock"]:
+        conns, h["pool"] = h["pool"], []
+    for c in conns:
+        c.close()
 
 
 def get_size(h: dict[str, Any]) -> int:
@@ -101,31 +114,47 @@ def can_multi_conn(h: dict[str, Any]) -> bool:
     return True  # read-only: every connection sees the same bytes
 
 
+def _take(h: dict[str, Any]) -> _Pinned:
+    with h["lock"]:
+        if h["pool"]:
+            conn: _Pinned = h["pool"].pop()
+            return conn
+    return _connect()
+
+
+def _give(h: dict[str, Any], conn: _Pinned) -> None:
+    with h["lock"]:
+        h["pool"].append(conn)
+
+
 def pread(h: dict[str, Any], buf: Any, offset: int, flags: int) -> None:
+    """Attempt 1 on a pooled connection, 2 on a fresh one at once (the pooled one may have
+    been closed by the server), then ``retries`` more after ``retry_delay`` seconds each:
+    a datastore that fails for a moment is ridden over, a permanent failure is an EIO."""
     n = len(buf)
     headers = {"Cookie": _state["cookie"], "Range": f"bytes={offset}-{offset + n - 1}"}
-    for attempt in (1, 2):
-        if h["conn"] is None:
-            h["conn"] = _connect()
-        conn = h["conn"]
+    problem = ""
+    for attempt in range(2 + _state["retries"]):
+        if attempt >= 2:
+            time.sleep(_state["retry_delay"])
+        conn = _take(h) if attempt == 0 else _connect()
         try:
             conn.request("GET", _state["path"], headers=headers)
             r = conn.getresponse()
             data = r.read()
-        except (http.client.HTTPException, ConnectionError) as e:
-            # A keep-alive connection the server closed: one fresh attempt.
+        except PinMismatch:
             conn.close()
-            h["conn"] = None
-            if attempt == 2:
-                nbdkit.set_error(errno.EIO)
-                raise RuntimeError(f"read of {n} bytes at {offset} failed: {e}") from e
+            nbdkit.set_error(errno.EACCES)
+            raise
+        except (http.client.HTTPException, OSError) as e:
+            conn.close()
+            problem = str(e) or type(e).__name__
             continue
-        if r.status != 206 or len(data) != n:
-            conn.close()
-            h["conn"] = None
-            nbdkit.set_error(errno.EIO)
-            raise RuntimeError(
-                f"read of {n} bytes at {offset}: HTTP {r.status}, {len(data)} bytes returned"
-            )
-        buf[:] = data
-        return
+        if r.status == 206 and len(data) == n:
+            _give(h, conn)
+            buf[:] = data
+            return
+        conn.close()
+        problem = f"HTTP {r.status}, {len(data)} bytes returned"
+    nbdkit.set_error(errno.EIO)
+    raise RuntimeError(f"read of {n} bytes at {offset} failed ({problem})")

@@ -316,7 +316,6 @@ def pinned_export(
         "--readonly",
         "--unix",
         str(work / "nbd.sock"),
-        "--filter=retry",
         *[f"--filter={f}" for f in (filters or [])],
         "python",
         str(PLUGIN),
@@ -325,7 +324,8 @@ def pinned_export(
         f"sha256={sha256}",
         f"size={size}",
         f"timeout={CURL_TIMEOUT}",
-        *_RETRY_PARAMS,
+        f"retries={RETRIES}",
+        f"retry-delay={RETRY_DELAY}",  # the plugin retries itself: requests stay parallel
     ]
     return NbdkitExport(
         label=label,
