@@ -271,11 +271,13 @@ class VSphereSource:
             report.raise_if_refused()
             return ProtectResult(report, protect.enable_cbt(c, vm))
 
-    def stop_machine(self, machine_ref: str, timeout: float = power.SHUTDOWN_TIMEOUT) -> Any:
+    def stop_machine(
+        self, machine_ref: str, timeout: float = power.SHUTDOWN_TIMEOUT
+    ) -> power.PowerResult:
         with self.client() as c:
             return power.stop(c, c.find_vm(machine_ref), timeout=timeout)
 
-    def start_machine(self, machine_ref: str) -> Any:
+    def start_machine(self, machine_ref: str) -> power.PowerResult:
         with self.client() as c:
             return power.start(c, c.find_vm(machine_ref))
 
