@@ -20,6 +20,7 @@ and ``serve`` (the NBD protocol):
     status SNAP...                 size, snapshot usage, valid/invalid per snapshot
     remove SNAP...                 remove snapshots (lvremove -f)
     cleanup TAG                    remove every snapshot carrying LVM tag TAG (left-overs)
+    prepare TAG                    check, cleanup TAG and inventory in one call
     size DEV                       device size in bytes
     hash DEV BLOCK                 8-byte big-endian size, then sha256 of every block
     serve DEV SERVER               NBD on stdin/stdout: nbdkit -s, qemu-nbd (relayed), builtin
@@ -129,18 +130,20 @@ def mountpoints_of(dev: str) -> List[str]:
 
 
 def cmd_check(_args: List[str]) -> None:
+    _out(check())
+
+
+def check() -> Dict[str, Any]:
     tools = {}
     for t in ("lvcreate", "lvs", "fsfreeze", "nbdkit", "qemu-nbd", "lsblk", "ip", "blkid"):
         tools[t] = shutil.which(t) or ""
-    _out(
-        {
-            "python": list(sys.version_info[:3]),
-            "uid": os.getuid(),
-            "tools": tools,
-            "machine_id": _read("/etc/machine-id").strip(),
-            "hostname": socket.gethostname(),
-        }
-    )
+    return {
+        "python": list(sys.version_info[:3]),
+        "uid": os.getuid(),
+        "tools": tools,
+        "machine_id": _read("/etc/machine-id").strip(),
+        "hostname": socket.gethostname(),
+    }
 
 
 def _read(path: str, default: str = "") -> str:
@@ -259,6 +262,10 @@ def _net_config() -> Dict[str, Any]:
 
 
 def cmd_inventory(_args: List[str]) -> None:
+    _out(inventory())
+
+
+def inventory() -> Dict[str, Any]:
     lvs = _lvm_json(
         [
             "lvs",
@@ -270,26 +277,24 @@ def cmd_inventory(_args: List[str]) -> None:
     vgs = _lvm_json(["vgs", "-o", "vg_name,vg_uuid,vg_size,vg_free,vg_extent_size,pv_count"])
     pvs = _lvm_json(["pvs", "-o", "pv_name,vg_name,pv_size,pv_free"])
     uname = platform.uname()
-    _out(
-        {
-            "hostname": socket.gethostname(),
-            "machine_id": _read("/etc/machine-id").strip(),
-            "os": _os_release(),
-            "kernel": {
-                "release": uname.release,
-                "version": uname.version,
-                "machine": uname.machine,
-            },
-            "firmware": "efi" if os.path.isdir("/sys/firmware/efi") else "bios",
-            "cpus": os.cpu_count() or 0,
-            "memory_mib": _meminfo_mib(),
-            "block_devices": _block_devices(),
-            "lvm": {"vgs": vgs, "lvs": lvs, "pvs": pvs},
-            "mounts": [m for m in _mounts() if m["source"].startswith("/dev/")],
-            "fstab": _read("/etc/fstab"),
-            "network": _network(),
-        }
-    )
+    return {
+        "hostname": socket.gethostname(),
+        "machine_id": _read("/etc/machine-id").strip(),
+        "os": _os_release(),
+        "kernel": {
+            "release": uname.release,
+            "version": uname.version,
+            "machine": uname.machine,
+        },
+        "firmware": "efi" if os.path.isdir("/sys/firmware/efi") else "bios",
+        "cpus": os.cpu_count() or 0,
+        "memory_mib": _meminfo_mib(),
+        "block_devices": _block_devices(),
+        "lvm": {"vgs": vgs, "lvs": lvs, "pvs": pvs},
+        "mounts": [m for m in _mounts() if m["source"].startswith("/dev/")],
+        "fstab": _read("/etc/fstab"),
+        "network": _network(),
+    }
 
 
 def _lv_path(name: str) -> str:
@@ -423,7 +428,10 @@ def cmd_remove(args: List[str]) -> None:
 
 
 def cmd_cleanup(args: List[str]) -> None:
-    tag = args[0]
+    _out({"removed": cleanup(args[0])})
+
+
+def cleanup(tag: str) -> List[Dict[str, Any]]:
     rows = _lvm_json(["lvs", "-o", "vg_name,lv_name,origin", "@" + tag])
     out = []
     for r in rows:
@@ -432,7 +440,12 @@ def cmd_cleanup(args: List[str]) -> None:
         full = "{}/{}".format(r["vg_name"], r["lv_name"])
         p = _run(["lvremove", "-f", full], check=False)
         out.append({"snapshot": full, "ok": p.returncode == 0, "error": p.stderr.strip()})
-    _out({"removed": out})
+    return out
+
+
+def cmd_prepare(args: List[str]) -> None:
+    """check + cleanup TAG + inventory in one call: each python start costs on slow servers."""
+    _out({"check": check(), "removed": cleanup(args[0]), "inventory": inventory()})
 
 
 def cmd_size(args: List[str]) -> None:
@@ -634,6 +647,7 @@ COMMANDS = {
     "status": cmd_status,
     "remove": cmd_remove,
     "cleanup": cmd_cleanup,
+    "prepare": cmd_prepare,
     "size": cmd_size,
     "hash": cmd_hash,
     "serve": cmd_serve,

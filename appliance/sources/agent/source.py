@@ -34,6 +34,7 @@ import re
 import shutil
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -204,6 +205,7 @@ class AgentSession:
         self.snapshots: list[str] = []
         self.freeze: dict[str, Any] = {}
         self.notes: list[str] = []
+        self.timings: dict[str, float] = {}  # seconds per step of open_session
         self.forwarders: list[NbdForwarder] = []
         self._released = False
         self._failure: AgentError | None = None
@@ -413,8 +415,8 @@ class LinuxAgentSource:
         with self._helper() as h:
             self._check(h)
 
-    def _check(self, h: RemoteHelper) -> dict[str, Any]:
-        info = h.call("check")
+    def _check(self, h: RemoteHelper, info: dict[str, Any] | None = None) -> dict[str, Any]:
+        info = info if info is not None else h.call("check")
         if tuple(info["python"][:2]) < (3, 6):
             raise AgentUnsupported(
                 f"{self.host} has python {'.'.join(map(str, info['python']))}",
@@ -516,20 +518,30 @@ class LinuxAgentSource:
     def _open(
         self, s: AgentSession, machine_ref: str, previous_token: dict[str, Any] | None
     ) -> None:
+        t = time.monotonic()
+
+        def step(name: str) -> None:
+            nonlocal t
+            now = time.monotonic()
+            s.timings[name] = round(now - t, 3)
+            t = now
+
         s.ssh.connect()
+        step("connect")
         s.helper.upload()
-        info = self._check(s.helper)
+        step("upload")
+        prep = s.helper.call("prepare", TAG, timeout=180)
+        step("prepare")
+        info = self._check(s.helper, prep["check"])
         if machine_ref and info["machine_id"] != machine_ref:
             raise AgentError(
                 f"{self.host} is machine {info['machine_id']}, not the registered {machine_ref}",
                 hint="the address now leads to another server: fix the source's host",
             )
         s.machine_id = info["machine_id"]
-        left = s.helper.call("cleanup", TAG, timeout=120)["removed"]
-        for r in left:
+        for r in prep["removed"]:
             log.warning("removed left-over snapshot %s on %s", r["snapshot"], self.host)
-        inv = s.helper.call("inventory", timeout=120)
-        machine = self._machine(inv)
+        machine = self._machine(prep["inventory"])
         sid = uuid.uuid4().hex[:10]
         lvs = [d for d in machine.disks if d.details["mode"] == "snapshot"]
         snaps: dict[str, dict[str, Any]] = {}
@@ -546,6 +558,7 @@ class LinuxAgentSource:
                     hint="the volume group needs free extents for the snapshot "
                     f"({self.snapshot_size}): vgextend it or lower snapshot_size",
                 ) from e
+            step("snapshot")
             s.snapshots = [x["snapshot"] for x in out["snapshots"]]
             snaps = {x["origin"]: x for x in out["snapshots"]}
             s.freeze = {
@@ -570,6 +583,7 @@ class LinuxAgentSource:
             snap = snaps.get(origin)
             dev = snap["path"] if snap else origin
             size, hashes = s.helper.hashes(dev, BLOCK_SIZE)
+            step(f"hash {d.key}")
             disk = DiskInfo(d.key, size, d.label, dict(d.details))
             manifest = HashManifest(size=size, block_size=BLOCK_SIZE, algo=ALGO, hashes=hashes)
             previous, why = self._previous(s.machine_id, d, size, prev_disks.get(d.key))

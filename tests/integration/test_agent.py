@@ -1,0 +1,375 @@
+"""linux-agent source against a real Debian server (TCG guest, real sshd, real LVM).
+
+The data path is the engine's: ``appliance.datapath.sync.sync_session`` (copier + qcow2
+chain + qemu-nbd writer) reads the adapter's ``nbd_uri``; the one engine step the adapter
+needs beyond that (store ``export.manifest`` with the sealed point) is done here as
+``replication.py`` is asked to do it (docs/agent.md, "Engine hooks").
+
+Every restore point is compared with the LVM snapshot it came from: the snapshot is hashed
+ON THE SERVER (sha256sum of the snapshot LV) before the session releases it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.datapath.chain import DiskChain
+from appliance.datapath.copier import RetryPolicy
+from appliance.datapath.sync import DiskResult, manifest_path, sync_session
+from appliance.datapath.throttle import Throttle
+from appliance.errors import Cancelled
+from appliance.sources.agent.errors import AgentHostKeyChanged, AgentSnapshotFull
+from appliance.sources.agent.source import AgentSession, LinuxAgentSource
+from appliance.sources.agent.ssh import HostKey
+from appliance.sources.base import Consistency
+from appliance.units import MiB
+from tests.agent_fixtures import *  # noqa: F403
+from tests.agent_fixtures import DATA_LV_MIB, AgentGuest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+class Recorder:
+    """ProgressSink that remembers how far the copy got."""
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.total = 0
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+
+    def update(self, n: int) -> None:
+        self.done += n
+
+    def set_phase(self, phase: str, **extra: Any) -> None:
+        pass
+
+
+class Journal:
+    def __init__(self) -> None:
+        self.rows: dict[str, list[tuple[int, int]]] = {}
+
+    def done(self, disk_key: str, offset: int, length: int) -> None:
+        self.rows.setdefault(disk_key, []).append((offset, length))
+
+
+def run_sync(
+    session: AgentSession,
+    store: Path,
+    name: str,
+    **kw: Any,
+) -> list[DiskResult]:
+    chains = {d.disk.key: DiskChain(store / d.disk.key) for d in session.disks}
+    sockets = store / "sockets"
+    sockets.mkdir(exist_ok=True)
+    results = sync_session(session, chains, point_name=name, socket_dir=sockets, **kw)
+    for d, r in zip(session.disks, results, strict=True):
+        # The engine hook (replication.py): the source's manifest is stored with the point.
+        assert r.point is not None
+        if d.manifest is not None:
+            d.manifest.save(manifest_path(chains[d.disk.key], r.point.name))
+    return results
+
+
+def point_sha256(store: Path, key: str, result: DiskResult, tmp: Path) -> str:
+    assert result.point is not None
+    raw = tmp / f"{key}-{result.point.name}.raw"
+    subprocess.run(
+        [
+            "qemu-img",
+            "convert",
+            "-U",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            str(store / key / result.point.file),
+            str(raw),
+        ],
+        check=True,
+    )
+    h = hashlib.sha256()
+    with open(raw, "rb") as f:
+        while chunk := f.read(8 * MiB):
+            h.update(chunk)
+    raw.unlink()
+    return h.hexdigest()
+
+
+def assert_clean(guest: AgentGuest) -> None:
+    """Nothing of the agent left on the server: snapshots, helper files, processes."""
+    assert guest.snapshots() == []
+    assert guest.helpers_left() == []
+    assert guest.agent_processes() == []
+
+
+def machine_ref(guest: AgentGuest) -> str:
+    return guest.ssh("cat /etc/machine-id").strip()
+
+
+def test_discover_inventory(agent_source: LinuxAgentSource, agent_guest: AgentGuest) -> None:
+    t0 = time.monotonic()
+    m = agent_source.discover()[0]
+    took = time.monotonic() - t0
+    assert m.ref == agent_guest.ssh("cat /etc/machine-id").strip()
+    assert m.name == "agent-server"
+    assert m.guest_os.startswith("Debian GNU/Linux 12")
+    assert [d.key for d in m.disks] == ["vgdata-data"]
+    assert m.disks[0].size == DATA_LV_MIB * MiB
+    d = m.details
+    assert d["kernel"]["release"] == agent_guest.ssh("uname -r").strip()
+    lvs = {f"{r['vg_name']}/{r['lv_name']}" for r in d["lvm"]["lvs"]}
+    assert {"vg0/root", "vgdata/data"} <= lvs
+    assert {v["vg_name"] for v in d["lvm"]["vgs"]} == {"vg0", "vgdata"}
+    mounts = {x["target"]: x["fstype"] for x in d["mounts"]}
+    assert mounts["/srv/data"] == "ext4" and mounts["/"] == "ext4"
+    names = {b["name"] for b in d["block_devices"]}
+    assert {"vda", "vdb"} <= names
+    vda = next(b for b in d["block_devices"] if b["name"] == "vda")
+    assert {c["name"] for c in vda["children"]} == {"vda1", "vda2"}
+    eth0 = next(i for i in d["network"]["interfaces"] if i["name"] == "eth0")
+    assert "10.0.2.15/24" in eth0["addresses"]
+    assert "ifupdown" in d["network"]["config"]["tools"]
+    assert m.nics and m.nics[0]["name"] == "eth0"
+    assert m.cpus == 1 and m.memory_mib > 500 and m.firmware == "bios"
+    assert_clean(agent_guest)
+    print(f"discover took {took:.1f}s")
+
+
+def test_full_then_incremental_equal_to_snapshot(
+    agent_source: LinuxAgentSource, agent_guest: AgentGuest, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    agent_guest.write("/srv/data/a.bin", 40)
+    ref = machine_ref(agent_guest)
+
+    t0 = time.monotonic()
+    s1 = agent_source.open_session(ref, None)
+    try:
+        t_open = time.monotonic() - t0
+        print("open_session steps:", s1.timings)
+        assert s1.full and s1.reason == "vgdata-data: first sync"
+        assert s1.consistency is Consistency.CRASH_CONSISTENT
+        assert s1.freeze["frozen"] == ["/srv/data"], s1.freeze
+        d1 = s1.disks[0]
+        assert d1.mode == "full" and d1.snapshot.startswith("vgdata/data_fm")
+        r1 = run_sync(s1, store, "rp000001")
+        snap_hash = agent_guest.sha256_of("/dev/" + d1.snapshot)
+        token1 = s1.token()
+    finally:
+        s1.release()
+    t_full = time.monotonic() - t0
+    assert_clean(agent_guest)
+    assert point_sha256(store, "vgdata-data", r1[0], tmp_path) == snap_hash
+    st1 = r1[0].stats
+    # Only non-zero blocks crossed the wire: the 40 MiB file plus ext4 metadata.
+    assert 40 * MiB <= st1.bytes_read == d1.changed_bytes < 60 * MiB, st1
+    assert st1.bytes_read < DATA_LV_MIB * MiB / 2
+
+    agent_guest.write("/srv/data/b.bin", 8)
+    t0 = time.monotonic()
+    s2 = agent_source.open_session(ref, token1)
+    try:
+        assert not s2.full and s2.reason == ""
+        d2 = s2.disks[0]
+        assert d2.mode == "dirty"
+        r2 = run_sync(s2, store, "rp000002")
+        snap_hash2 = agent_guest.sha256_of("/dev/" + d2.snapshot)
+        token2 = s2.token()
+    finally:
+        s2.release()
+    t_incr = time.monotonic() - t0
+    assert_clean(agent_guest)
+    assert point_sha256(store, "vgdata-data", r2[0], tmp_path) == snap_hash2
+    assert snap_hash2 != snap_hash
+    st2 = r2[0].stats
+    # Bytes sent close to the bytes changed: 8 MiB of file data, ext4 metadata and journal
+    # blocks, rounded to 1 MiB hash blocks.
+    assert 8 * MiB <= st2.bytes_read <= 14 * MiB, st2
+    assert token2["disks"]["vgdata-data"]["manifest"] != token1["disks"]["vgdata-data"]["manifest"]
+    # The manifest stored with the point is the snapshot's, block for block.
+    man2 = manifest_path(DiskChain(store / "vgdata-data"), "rp000002")
+    assert man2.exists()
+    print(
+        f"full: open {t_open:.1f}s total {t_full:.1f}s read {st1.bytes_read / MiB:.1f} MiB "
+        f"in {st1.elapsed_s:.1f}s; incremental: total {t_incr:.1f}s "
+        f"read {st2.bytes_read / MiB:.1f} MiB in {st2.elapsed_s:.1f}s"
+    )
+
+
+def test_snapshot_space_exhausted(
+    agent_guest: AgentGuest, agent_dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    assert agent_guest.host_key is not None
+    src = LinuxAgentSource(
+        host="127.0.0.1",
+        port=agent_guest.port,
+        identity=agent_guest.key,
+        host_key=agent_guest.host_key.line,
+        run_dir=agent_dirs[0],
+        state_dir=agent_dirs[1],
+        volumes=["vgdata/data"],
+        snapshot_size="8M",
+    )
+    s = src.open_session(machine_ref(agent_guest), None)
+    cancel = threading.Event()
+    try:
+        # The server writes more than the snapshot can hold while the sync runs.
+        want = agent_guest.ssh(
+            "head -c 24M /dev/urandom | tee /srv/data/burst.bin | sha256sum; sync"
+        ).split()[0]
+        s.watch(cancel, interval=1.0)
+        t0 = time.monotonic()
+        with pytest.raises(Cancelled):
+            run_sync(
+                s,
+                tmp_path / "store",
+                "rp000001",
+                cancel=cancel,
+                retry=RetryPolicy(retry_window=120.0),
+            )
+        stopped = time.monotonic() - t0
+        err = s.failure()
+        assert isinstance(err, AgentSnapshotFull)
+        assert "vgdata/data" in err.message and "untouched" in err.message
+        assert "snapshot_size" in (err.hint or "")
+    finally:
+        s.release()
+    assert_clean(agent_guest)
+    # The origin is untouched: the burst file reads back whole after dropping the caches.
+    got = agent_guest.ssh(
+        "sync; echo 3 > /proc/sys/vm/drop_caches; sha256sum /srv/data/burst.bin"
+    ).split()[0]
+    assert got == want
+    attr = agent_guest.ssh("lvs --noheadings -o lv_attr vgdata/data").strip()
+    assert attr[4] == "a"  # active
+    agent_guest.ssh("rm /srv/data/burst.bin; sync")
+    print(f"overflow noticed and the copy stopped after {stopped:.1f}s")
+
+
+def test_ssh_dropped_mid_sync_resumes(
+    agent_guest: AgentGuest, agent_dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The link dies in the middle of a copy (the SSH master and every channel are killed):
+    the copier reconnects to the same snapshot through a new SSH connection and copies only
+    what was not durable yet. Uses the helper's built-in NBD server (the fallback)."""
+    assert agent_guest.host_key is not None
+    src = LinuxAgentSource(
+        host="127.0.0.1",
+        port=agent_guest.port,
+        identity=agent_guest.key,
+        host_key=agent_guest.host_key.line,
+        run_dir=agent_dirs[0],
+        state_dir=agent_dirs[1],
+        volumes=["vgdata/data"],
+        snapshot_size="64M",
+        nbd_server="builtin",
+    )
+    store = tmp_path / "store"
+    s = src.open_session(machine_ref(agent_guest), None)
+    prog = Recorder()
+    killed: list[int] = []
+    try:
+        d = s.disks[0]
+        data = d.changed_bytes
+        fwd = s.forwarders[0]
+
+        def drop() -> None:
+            while prog.done < data * 0.3:
+                time.sleep(0.05)
+            pids = [p for p in [s.ssh.master_pid, *fwd.alive_pids()] if p]
+            for p in pids:
+                subprocess.run(["kill", "-9", str(p)], check=False)
+            killed.extend(pids)
+
+        t = threading.Thread(target=drop, daemon=True)
+        t.start()
+        r = run_sync(
+            s,
+            store,
+            "rp000001",
+            progress=prog,
+            throttle=Throttle(6 * MiB),
+            journal=Journal(),
+            flush_every=4 * MiB,
+        )
+        t.join(5)
+        snap_hash = agent_guest.sha256_of("/dev/" + d.snapshot)
+    finally:
+        s.release()
+    assert_clean(agent_guest)
+    assert killed, "the link was never dropped"
+    st = r[0].stats
+    assert st.reconnects >= 1, st
+    assert point_sha256(store, d.disk.key, r[0], tmp_path) == snap_hash
+    # Re-read at most what was in flight when the link died (16 x 1 MiB requests).
+    assert data <= st.bytes_read <= data + 16 * MiB, st
+    print(
+        f"dropped link: {st.reconnects} reconnect(s), read {st.bytes_read / MiB:.1f} MiB "
+        f"for {data / MiB:.1f} MiB of data in {st.elapsed_s:.1f}s"
+    )
+
+
+def _accepted_logins(guest: AgentGuest) -> int:
+    out = guest.ssh("journalctl -q -u ssh --no-pager | grep -c 'Accepted publickey' || true")
+    return int(out.strip() or 0)
+
+
+def test_host_key_changed_refused(
+    agent_guest: AgentGuest, agent_dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True
+    )
+    other = HostKey.parse((tmp_path / "other.pub").read_text())
+    src = LinuxAgentSource(
+        host="127.0.0.1",
+        port=agent_guest.port,
+        identity=agent_guest.key,
+        host_key=other.line,
+        run_dir=agent_dirs[0],
+        state_dir=agent_dirs[1],
+        volumes=["vgdata/data"],
+    )
+    before = _accepted_logins(agent_guest)
+    with pytest.raises(AgentHostKeyChanged) as e1:
+        src.test()
+    with pytest.raises(AgentHostKeyChanged):
+        src.open_session("", None)
+    after = _accepted_logins(agent_guest)
+    # Only this test's own journal query logged in: the adapter never authenticated.
+    assert after == before + 1
+    assert other.fingerprint in e1.value.message
+    assert agent_guest.host_key is not None
+    assert agent_guest.host_key.fingerprint in e1.value.message  # what the server showed
+    assert_clean(agent_guest)
+    assert list(agent_dirs[0].iterdir()) == []  # no key copies, sockets or known_hosts left
+
+
+def test_host_key_pinned_at_first_contact(
+    agent_guest: AgentGuest, agent_dirs: tuple[Path, Path]
+) -> None:
+    pinned: list[HostKey] = []
+    src = LinuxAgentSource(
+        host="127.0.0.1",
+        port=agent_guest.port,
+        identity=agent_guest.key,
+        host_key=None,
+        on_host_key=pinned.append,
+        run_dir=agent_dirs[0],
+        state_dir=agent_dirs[1],
+    )
+    src.test()
+    assert agent_guest.host_key is not None
+    assert [k.fingerprint for k in pinned] == [agent_guest.host_key.fingerprint]
+    assert re.fullmatch(r"SHA256:[A-Za-z0-9+/]{43}", pinned[0].fingerprint)
+    assert_clean(agent_guest)
