@@ -48,7 +48,7 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from appliance.cli import verbs_core, verbs_machines
+    from appliance.cli import verbs_core, verbs_machines, verbs_plans, verbs_support
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output")
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ferryman {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
-    for module in (verbs_core, verbs_machines):
+    for module in (verbs_core, verbs_machines, verbs_plans, verbs_support):
         module.register(sub, common)
     return parser
 

@@ -290,4 +290,7 @@ def create_app(state: DaemonState) -> FastAPI:
             )
         return verdict
 
+    from appliance.plans.api import build_router
+
+    app.include_router(build_router(state))
     return app

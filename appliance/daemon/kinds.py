@@ -54,7 +54,10 @@ def _verify(ctx: JobContext) -> dict[str, Any]:
 
 
 def all_specs() -> list[JobSpec]:
+    from appliance.plans import jobs as plan_jobs
+
     return [
+        *plan_jobs.specs(),
         JobSpec(
             "probe",
             run_probe,

@@ -182,6 +182,10 @@ def serve(args: argparse.Namespace) -> int:
     add_event(db, f"ferrymand {__version__} started (pid {os.getpid()})")
     for r in runner.recover():
         log.info("job %s %s after restart", r["id"], r["action"])
+    from appliance.plans.jobs import recover_interrupted
+
+    for r in recover_interrupted(db):
+        log.info("plan run after restart: %s", r)
     if not verdict and not args.no_probe:
         runner.submit("probe", who="ferrymand", origin="startup")
     scheduler = Scheduler(factory, runner, tick_s=args.scheduler_tick)  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
+from appliance.daemon import auth
 from appliance.daemon.state import DaemonState
 from appliance.errors import FerrymanError
 from appliance.plans import cutover, records, report, testrun
@@ -50,10 +51,16 @@ class StepRequest(BaseModel):
 
 
 def _who(request: Request) -> tuple[str, str]:
-    return (
-        request.headers.get("x-ferryman-user", "unknown"),
-        request.headers.get("x-ferryman-origin", "api"),
-    )
+    """Caller identity from the kernel (appliance.daemon.auth). Plans, test runs and
+    cutover steps change things: they need the operator role; a refusal is audited."""
+    c = auth.caller(request)
+    if not c.allows("operator"):
+        err = auth.forbidden(c, "operator", f"use {request.url.path}")
+        request.app.state.ferryman.audit(
+            c.user, c.origin, request.url.path, {"method": request.method}, f"refused: {err}"
+        )
+        raise err
+    return c.user, c.origin
 
 
 def build_router(state: DaemonState) -> APIRouter:
