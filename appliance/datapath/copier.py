@@ -574,7 +574,7 @@ class Copier:
             return
         if err in (errno.ENOSPC, errno.EDQUOT):
             self._failure = TargetFull(self.disk, r.offset)
-        elif err in DISCONNECT_ERRNOS or self._dst.aio_is_dead():
+        elif err in DISCONNECT_ERRNOS or self._dst.aio_is_dead() or self._dst.aio_is_closed():
             self._failure = WriterError(
                 f"disk {self.disk}: the writer (qemu-nbd) went away at offset {r.offset}",
                 hint="unflushed writes are not in the journal; the partial restore point "
