@@ -354,7 +354,7 @@ class LinuxAgentSource:
         self.host_key = HostKey.parse(host_key) if host_key else None
         self.on_host_key = on_host_key
         self.name = name or host
-        self.volumes = list(volumes) if volumes else None
+        self.volumes = None if volumes is None else list(volumes)
         self.live_devices = list(live_devices or [])
         self.snapshot_size = str(snapshot_size)
         if not re.fullmatch(r"\d+[KMGT]?|\d{1,3}%(ORIGIN|FREE|VG)", self.snapshot_size):
