@@ -3,7 +3,6 @@ debris cleanup. Each point is checked against the source state it was taken from
 
 from __future__ import annotations
 
-
 import pytest
 
 from appliance.datapath.chain import DiskChain
