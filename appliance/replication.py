@@ -92,6 +92,17 @@ def newest_point(db: Database, machine_id: int) -> dict[str, Any] | None:
     return rps[-1] if rps else None
 
 
+def chain_for(mdir: Path, key: str, size: int) -> DiskChain:
+    """The chain of a disk of this size. A disk resized on the source starts a new chain
+    beside the old one (whose points stay restorable): a qcow2 overlay cannot change the
+    size of its backing chain, and a resize always comes with a full copy."""
+    chain = DiskChain(mdir / key)
+    newest = chain.newest()
+    if newest is None or newest.size == size:
+        return chain
+    return DiskChain(mdir / f"{key}.size-{size}")
+
+
 def reconcile(db: Database, machine_id: int, chains: dict[str, DiskChain]) -> list[str]:
     """Trim chain points the store never recorded (a crash between sealing and recording)."""
     known = {
@@ -205,7 +216,7 @@ def _sync(
     journal = StoreJournal(db, sid)
     name = point_name(sid)
     mdir = machine_dir(m["id"])
-    chains = {d.disk.key: DiskChain(mdir / d.disk.key) for d in session.disks}
+    chains = {d.disk.key: chain_for(mdir, d.disk.key, d.disk.size) for d in session.disks}
     for line in reconcile(db, m["id"], chains):
         ctx.event(f"{m['name']}: {line}", level="warning")
     prev_disks = {d["disk_key"]: d for d in (prev["disks"] if prev else [])}

@@ -124,6 +124,15 @@ class DaemonState:
 
     def protect(self, name: str, req: Any) -> dict[str, Any]:
         m = inventory.machine_row(self.db, name)
+        src = inventory.source_row(self.db, str(m["source_id"]))
+        adapter = adapter_for(self.db, src)
+        prepare = getattr(adapter, "protect", None)
+        if prepare is not None and not m["protected"]:
+            # vSphere: preflight (snapshots, independent disks, RDMs, storage) refuses with
+            # every reason; then CBT is enabled, with the snapshot a running VM needs for it.
+            result = prepare(m["ref"])
+            for line in getattr(result, "events", []) or []:
+                add_event(self.db, f"{m['name']}: {line}", kind="protect", machine_id=m["id"])
         return inventory.set_protection(
             self.db,
             str(m["id"]),
