@@ -373,3 +373,57 @@ def test_host_key_pinned_at_first_contact(
     assert [k.fingerprint for k in pinned] == [agent_guest.host_key.fingerprint]
     assert re.fullmatch(r"SHA256:[A-Za-z0-9+/]{43}", pinned[0].fingerprint)
     assert_clean(agent_guest)
+
+
+def test_live_copy_without_lvm_converges(
+    agent_guest: AgentGuest, agent_dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """/boot (vda1) is not on LVM: copied live, points labelled crash-inconsistent; the
+    second pass copies what changed plus what changed while the first pass read it."""
+    assert agent_guest.host_key is not None
+    src = LinuxAgentSource(
+        host="127.0.0.1",
+        port=agent_guest.port,
+        identity=agent_guest.key,
+        host_key=agent_guest.host_key.line,
+        run_dir=agent_dirs[0],
+        state_dir=agent_dirs[1],
+        volumes=[],
+        live_devices=["/dev/vda1"],
+    )
+    store = tmp_path / "store"
+    ref = machine_ref(agent_guest)
+    s1 = src.open_session(ref, None)
+    try:
+        assert s1.consistency is Consistency.CRASH_INCONSISTENT and s1.snapshots == []
+        d1 = s1.disks[0]
+        assert d1.disk.key == "vda1" and d1.manifest is None and d1.mode == "full"
+        r1 = run_sync(s1, store, "rp000001")
+        token1 = s1.token()
+        dev_hash = agent_guest.sha256_of("/dev/vda1")  # /boot is quiet: live == copied
+    finally:
+        s1.release()
+    assert_clean(agent_guest)
+    assert point_sha256(store, "vda1", r1[0], tmp_path) == dev_hash
+    assert d1.changed_during_copy == 0
+
+    agent_guest.ssh("head -c 3M /dev/urandom > /boot/pass2.bin && sync")
+    try:
+        s2 = src.open_session(ref, token1)
+        try:
+            d2 = s2.disks[0]
+            assert d2.mode == "dirty" and not s2.full
+            r2 = run_sync(s2, store, "rp000002")
+            s2.token()
+            dev_hash2 = agent_guest.sha256_of("/dev/vda1")
+        finally:
+            s2.release()
+    finally:
+        agent_guest.ssh("rm -f /boot/pass2.bin && sync")
+    assert point_sha256(store, "vda1", r2[0], tmp_path) == dev_hash2
+    st2 = r2[0].stats
+    assert 3 * MiB <= st2.bytes_read <= 6 * MiB, st2
+    print(
+        f"live: pass 1 read {r1[0].stats.bytes_read / MiB:.1f} MiB, pass 2 "
+        f"{st2.bytes_read / MiB:.1f} MiB for 3 MiB written"
+    )

@@ -22,7 +22,8 @@ and ``serve`` (the NBD protocol):
     cleanup TAG                    remove every snapshot carrying LVM tag TAG (left-overs)
     prepare TAG                    check, cleanup TAG and inventory in one call
     size DEV                       device size in bytes
-    hash DEV BLOCK                 8-byte big-endian size, then sha256 of every block
+    hash DEV BLOCK [-]             8-byte big-endian size, then sha256 of every block (or of
+                                   the block numbers given on stdin)
     serve DEV SERVER               NBD on stdin/stdout: nbdkit -s, qemu-nbd (relayed), builtin
 """
 
@@ -453,14 +454,20 @@ def cmd_size(args: List[str]) -> None:
 
 
 def cmd_hash(args: List[str]) -> None:
+    """hash DEV BLOCK [-]: every block, or ("-") only the block numbers read from stdin."""
     dev, block = args[0], int(args[1])
     size = dev_size(dev)
+    nblocks = (size + block - 1) // block
+    if len(args) > 2 and args[2] == "-":
+        todo = [int(x) for x in sys.stdin.read().split()]
+    else:
+        todo = list(range(nblocks))
     w = sys.stdout.buffer
     w.write(struct.pack(">Q", size))
     fd = os.open(dev, os.O_RDONLY)
     try:
-        off = 0
-        while off < size:
+        for i in todo:
+            off = i * block
             n = min(block, size - off)
             h = hashlib.sha256()
             got = 0
@@ -471,7 +478,6 @@ def cmd_hash(args: List[str]) -> None:
                 h.update(data)
                 got += len(data)
             w.write(h.digest())
-            off += n
     finally:
         os.close(fd)
     w.flush()

@@ -121,8 +121,18 @@ class RemoteHelper:
         doc: dict[str, Any] = json.loads(r.stdout)
         return doc
 
-    def hashes(self, dev: str, block: int) -> tuple[int, list[bytes]]:
-        r = self.ssh.run(self.argv("hash", dev, str(block)), timeout=HASH_TIMEOUT_S)
+    def hashes(
+        self, dev: str, block: int, only: list[int] | None = None
+    ) -> tuple[int, list[bytes]]:
+        """(size, sha256 per block) of ``dev``; with ``only``: of those block numbers."""
+        if only is None:
+            r = self.ssh.run(self.argv("hash", dev, str(block)), timeout=HASH_TIMEOUT_S)
+        else:
+            r = self.ssh.run(
+                self.argv("hash", dev, str(block), "-"),
+                input="\n".join(map(str, only)).encode(),
+                timeout=HASH_TIMEOUT_S,
+            )
         if r.returncode != 0 or len(r.stdout) < 8:
             raise AgentError(
                 f"hashing {dev} on {self.ssh.target} failed: "
@@ -131,7 +141,7 @@ class RemoteHelper:
             )
         (size,) = struct.unpack(">Q", r.stdout[:8])
         raw = r.stdout[8:]
-        n = (size + block - 1) // block
+        n = (size + block - 1) // block if only is None else len(only)
         if len(raw) != 32 * n:
             raise AgentError(
                 f"hashing {dev} on {self.ssh.target} returned {len(raw) // 32} of {n} hashes",
@@ -179,6 +189,9 @@ class AgentDiskExport:
     # What the adapter keeps for its next incremental: the manifest, or in live mode the
     # manifest with every copied data block marked unknown, so the next pass copies it again.
     own_manifest: HashManifest
+    before: list[bytes] = field(default_factory=list)  # live mode: hashes before the copy
+    settled: bool = False
+    changed_during_copy: int = 0  # live mode: copied blocks that changed while copying
     origin: str = ""  # VG/LV or device
     snapshot: str = ""  # VG/SNAP, "" in live mode
     notes: list[str] = field(default_factory=list)
@@ -217,6 +230,8 @@ class AgentSession:
     def token(self) -> dict[str, Any]:
         """Persisted after the point is sealed: the manifests are kept for the next sync."""
         for d in self.disks:
+            if not d.snapshot:
+                self._settle_live(d)
             self.source.keep_manifest(self.machine_id, d.disk.key, d.own_manifest)
         return {
             "kind": "linux-agent",
@@ -234,6 +249,30 @@ class AgentSession:
                 for d in self.disks
             },
         }
+
+    def _settle_live(self, d: AgentDiskExport) -> None:
+        """Live mode: a copied block is known only if the server still shows the hash it had
+        before the copy (it did not change while being read). Blocks that changed meanwhile
+        stay unknown, so the next pass copies them again: passes converge to what is
+        written during one pass. (A block changed and changed back within one pass is not
+        caught; the final pass at cutover should run with verification.)"""
+        blocks = sorted(
+            {
+                i
+                for e in d.planned
+                if not e.zero
+                for i in range(e.offset // BLOCK_SIZE, -(-e.end // BLOCK_SIZE))
+            }
+        )
+        if not blocks or d.settled:
+            return
+        _, after = self.helper.hashes(d.origin, BLOCK_SIZE, only=blocks)
+        for i, h in zip(blocks, after, strict=True):
+            d.own_manifest.hashes[i] = h if h == d.before[i] else UNKNOWN_HASH
+        d.settled = True
+        d.changed_during_copy = sum(
+            1 for i, h in zip(blocks, after, strict=True) if h != d.before[i]
+        )
 
     def failure(self) -> AgentError | None:
         """The source-side reason a copy failed, if there is one (snapshot overflowed)."""
@@ -618,6 +657,7 @@ class LinuxAgentSource:
                 mode=mode,
                 manifest=manifest if snap else None,
                 own_manifest=own,
+                before=hashes if not snap else [],
                 planned=planned,
                 origin=origin,
                 snapshot=snap["snapshot"] if snap else "",
