@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
 
+from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
@@ -31,7 +32,7 @@ from tui.screens.plans import PlansScreen
 from tui.screens.sources import SourcesScreen
 from tui.screens.testrun import TestRunScreen
 from tui.services import Services
-from tui.widgets.common.navbar import SCREENS
+from tui.widgets.common.navbar import SCREENS, NavBar
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class FerrymanApp(App[None]):
         super().__init__()
         self.services = services or Services()
         self.machine_names: list[str] = []  # last seen by the dashboard, for the palette
+        self.identity: dict[str, str] = {}  # user, role, origin as the daemon sees us
 
     def on_mount(self) -> None:
         self.register_theme(FERRYMAN_THEME)
@@ -86,6 +88,18 @@ class FerrymanApp(App[None]):
             "textual-ansi" if term in MONO_TERMS else "ferryman"
         )
         self.switch_mode("dashboard")
+        self.login()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, name="Opening the session")
+    def login(self) -> None:
+        """The daemon records the session (who, from where) in the audit trail."""
+        who = self.services.client.login()
+        self.call_from_thread(self._logged_in, who)
+
+    def _logged_in(self, who: dict[str, str]) -> None:
+        self.identity = who
+        for bar in self.screen.query(NavBar):
+            bar.refresh()
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         failures.report(self, event)

@@ -67,7 +67,9 @@ def short(seconds: float | None) -> str:
     s = round(seconds)
     if 60 <= s < 3600:
         return f"{round(s / 60)}m"
-    if s % 3600 == 0 and s < 100 * 3600:
+    if s >= 2 * 86400:
+        return f"{s // 86400}d"
+    if s >= 3600 and s % 3600 == 0 and s < 100 * 3600:
         return f"{s // 3600}h"
     return duration(s)
 

@@ -6,13 +6,15 @@ store read-only (WAL: never blocks the daemon). Both are blocking: call them fro
 workers only. One client and one store connection per thread (sqlite3 objects and HTTP
 connection pools are not shared across threads).
 
-Plans, test runs and cutover (issue 6) are read from the store until the daemon serves them;
-each write below is the one line to change when the client grows its method.
+Plans, test runs and cutover come from the daemon's plan API (issue 6). The store is read
+only for the sparklines' sync history, which an operator account may not be allowed to read.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
+import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +28,9 @@ from sqlite_utils import Database
 from appliance.client import Client
 from appliance.config import paths
 from appliance.errors import FerrymanError
-from store.db import loads, open_readonly
+from store.db import open_readonly
+
+log = logging.getLogger(__name__)
 
 REFRESH_S = 1.0  # dashboard and job views poll the daemon this often
 REACH_TIMEOUT_S = 3.0  # a host that does not answer in 3 s is reported as unreachable
@@ -79,7 +83,19 @@ class Services:
     # -- display reads from the store ----------------------------------------------------
 
     def throughput_history(self, limit_per_machine: int = 12) -> dict[int, list[float]]:
-        """Mean bytes/s of each machine's last sealed syncs, oldest first."""
+        """Mean bytes/s of each machine's last sealed syncs, oldest first.
+
+        Only decoration for the dashboard: an operator account that may not read the store
+        (it is root's) still gets the dashboard, without sparklines of past syncs."""
+        try:
+            return self._throughput_history(limit_per_machine)
+        except (FerrymanError, sqlite3.Error, OSError) as e:
+            if not getattr(self, "_history_warned", False):
+                log.warning("no sync history for the sparklines: %s", e)
+                self._history_warned = True
+            return {}
+
+    def _throughput_history(self, limit_per_machine: int) -> dict[int, list[float]]:
         rows = self.store.execute(
             "SELECT machine_id, bytes_read, started_at, ended_at FROM ("
             " SELECT *, row_number() OVER (PARTITION BY machine_id ORDER BY id DESC) AS n"
@@ -93,77 +109,44 @@ class Services:
             out.setdefault(mid, []).append(nbytes / secs if secs > 0 else 0.0)
         return out
 
+    # -- plans, test runs, cutover: through the client (issue 6's API) -------------------
+
     def plans(self) -> list[dict[str, Any]]:
-        rows = self.store.execute(
-            "SELECT name, max(version), count(*), max(created_at) FROM plans GROUP BY name "
-            "ORDER BY name"
-        ).fetchall()
-        return [{"name": n, "version": v, "versions": c, "updated_at": t} for n, v, c, t in rows]
+        return self.client.plans()
 
-    def plan_versions(self, name: str) -> list[dict[str, Any]]:
-        rows = self.store.execute(
-            "SELECT id, version, document, created_at, created_by FROM plans WHERE name=? "
-            "ORDER BY version",
-            [name],
-        ).fetchall()
-        return [
-            {"id": i, "version": v, "document": d, "created_at": t, "created_by": by}
-            for i, v, d, t, by in rows
-        ]
+    def plan_versions(self, name: str, latest: int) -> list[dict[str, Any]]:
+        """The latest version and the one before it (for the diff), oldest first."""
+        wanted = [v for v in (latest - 1, latest) if v >= 1]
+        return [self.client.plan(name, v) for v in wanted]
 
-    def plan_runs(self, kind: str, plan: str | None = None) -> list[dict[str, Any]]:
-        where, args = "r.kind=?", [kind]
-        if plan:
-            where += " AND p.name=?"
-            args.append(plan)
-        rows = self.store.execute(
-            "SELECT r.id, p.name, p.version, r.kind, r.state, r.step, r.started_at, r.ended_at,"
-            f" r.report FROM plan_runs r JOIN plans p ON p.id=r.plan_id WHERE {where} "
-            "ORDER BY r.id DESC LIMIT 50",
-            args,
-        ).fetchall()
-        keys = [
-            "id",
-            "plan",
-            "version",
-            "kind",
-            "state",
-            "step",
-            "started_at",
-            "ended_at",
-            "report",
-        ]
-        out = [dict(zip(keys, r, strict=True)) for r in rows]
-        for r in out:
-            r["report"] = loads(r["report"]) or {}
-        return out
-
-    # -- writes that issue 6 will serve (one line each to wire) --------------------------
-
-    def _needs(self, method: str, what: str) -> Any:
-        fn = getattr(self.client, method, None)
-        if fn is None:
-            raise FerrymanError(
-                f"this ferrymand cannot {what} yet",
-                hint="plans, test runs and cutover arrive with issue 6; "
-                "update Ferryman, the plan stays in this editor meanwhile",
-            )
-        return fn
+    def plan_runs(self, kind: str) -> list[dict[str, Any]]:
+        runs = self.client.test_runs() if kind == "test" else self.client.cutovers()
+        return sorted(runs, key=lambda r: -int(r["id"]))
 
     def save_plan(self, name: str, document: dict[str, Any]) -> dict[str, Any]:
-        return dict(self._needs("save_plan", "save plans")(name, document))
+        return self.client.save_plan(name, document)
 
     def start_test_run(self, plan: str) -> dict[str, Any]:
-        return dict(self._needs("test_run", "start test runs")(plan))
+        return self.client.test_run(plan)
 
-    def cutover_step(self, plan: str, step: str, *, confirm: str) -> dict[str, Any]:
-        return dict(self._needs("cutover", "run a cutover")(plan, step=step, confirm=confirm))
+    def cutover_start(self, plan: str) -> dict[str, Any]:
+        return self.client.cutover_start(plan)
 
-    def cutover_rollback(self, plan: str, step: str) -> dict[str, Any]:
-        return dict(self._needs("cutover_rollback", "roll a cutover back")(plan, step=step))
+    def cutover_confirm(self, run_id: int, step: str) -> dict[str, Any]:
+        return self.client.cutover_confirm(run_id, step)
+
+    def cutover_rollback(self, run_id: int) -> dict[str, Any]:
+        return self.client.cutover_rollback_run(run_id)
 
     def update_source(self, name: str, **fields: Any) -> dict[str, Any]:
-        return dict(self._needs("update_source", "change a source in place")(name, **fields))
+        fn = getattr(self.client, "update_source", None)
+        if fn is None:  # one line to wire when the API can change a source in place
+            raise FerrymanError(
+                f"this ferrymand cannot change source '{name}' in place",
+                hint="remove the source and add it again (its machines must be unprotected "
+                "first), or update Ferryman",
+            )
+        return dict(fn(name, **fields))
 
 
 # -- local pre-checks, so that a typo never reaches the daemon --------------------------------

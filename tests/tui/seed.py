@@ -391,40 +391,35 @@ def seed(db_path: Path, *, running_sync: bool = True) -> dict[str, int]:
         )
         del p1
 
-        def ph(a: float, b: float | None) -> dict[str, Any]:
-            return {"start": ts(a), "end": ts(b) if b is not None else None}
+        def machine_run(
+            rank: int, convert: float, wait: float, boot: float, ready: float
+        ) -> dict[str, Any]:
+            return {
+                "rank": rank,
+                "state": "ready",
+                "error": None,
+                "rto_s": convert + wait + boot + ready,
+                "phases": {"convert_s": convert, "wait_s": wait, "boot_s": boot, "ready_s": ready},
+            }
 
+        machines = {
+            "db01": machine_run(1, 480, 0, 240, 180),
+            "app01": machine_run(2, 420, 480, 240, 240),
+            "web01": machine_run(2, 360, 540, 300, 300),
+        }
+        for name, m in machines.items():
+            m["machine"] = name
         report = {
-            "started_at": ts(120),
-            "rto_s": 1500.0,
-            "summary": "3 of 3 machines ready; RTO 25m00s (db01 boot was slowest)",
-            "machines": [
-                {
-                    "machine": "db01",
-                    "rank": 1,
-                    "state": "ready",
-                    "rto_s": 900.0,
-                    "phases": {
-                        "convert": ph(120, 112),
-                        "boot": ph(112, 108),
-                        "ready": ph(108, 105),
-                    },
-                },
-                {
-                    "machine": "web01",
-                    "rank": 2,
-                    "state": "ready",
-                    "rto_s": 1500.0,
-                    "phases": {"convert": ph(120, 114), "boot": ph(105, 100), "ready": ph(100, 95)},
-                },
-                {
-                    "machine": "app01",
-                    "rank": 2,
-                    "state": "ready",
-                    "rto_s": 1380.0,
-                    "phases": {"convert": ph(120, 113), "boot": ph(105, 101), "ready": ph(101, 97)},
-                },
-            ],
+            "machines": machines,
+            "totals": {
+                "machines": 3,
+                "ready": 3,
+                "rto_s": 1500.0,
+                "slowest_convert_s": 480.0,
+                "slowest_boot_by_rank_s": {"1": 420.0, "2": 600.0},
+                "ideal_s": 1080.0,
+                "overhead_ratio": 1.389,
+            },
         }
         _insert(
             db,
@@ -433,22 +428,35 @@ def seed(db_path: Path, *, running_sync: bool = True) -> dict[str, int]:
                 "plan_id": p2,
                 "kind": "test",
                 "state": "succeeded",
-                "step": "done",
+                "step": "clean-up",
                 "started_at": ts(120),
                 "ended_at": ts(95),
                 "report": json.dumps(report),
             },
         )
+        steps = [
+            ("preflight", 0.0, 30),
+            ("final-delta", 1260.0, 29),
+            ("stop-source", 60.0, 7),
+            ("last-delta", 120.0, 6),
+            ("seal", 30.0, 4),
+        ]
         cut = {
-            "source_stopped_at": ts(6),
-            "steps": {
-                "preflight": {"state": "done", "start": ts(30), "end": ts(29)},
-                "final-delta": {"state": "done", "start": ts(29), "end": ts(8)},
-                "stop-source": {"state": "done", "start": ts(7), "end": ts(6)},
-                "last-delta": {"state": "done", "start": ts(6), "end": ts(4)},
-                "seal": {"state": "done", "start": ts(4), "end": ts(3.5)},
-                "convert": {"state": "running", "start": ts(3.5)},
-            },
+            "mode": "guided",
+            "next": "bring-up",
+            "machines_planned": list(machines),
+            "stopped_wall": (NOW - timedelta(minutes=6)).timestamp(),
+            "steps": [
+                {
+                    "step": st,
+                    "state": "done",
+                    "seconds": secs,
+                    "at": ts(ago),
+                    "by": "alice",
+                    "detail": "",
+                }
+                for st, secs, ago in steps
+            ],
         }
         _insert(
             db,
@@ -457,7 +465,7 @@ def seed(db_path: Path, *, running_sync: bool = True) -> dict[str, int]:
                 "plan_id": p2,
                 "kind": "cutover",
                 "state": "running",
-                "step": "convert",
+                "step": "bring-up",
                 "started_at": ts(30),
                 "report": json.dumps(cut),
             },

@@ -19,7 +19,7 @@ from textual.widgets import DataTable, Input, Select, Static, TextArea
 from appliance.client import Client
 from tests.datapath_fixtures import NbdkitServer
 from tests.helpers.daemon import Env
-from tests.tui.pilot import cells, column, note_titled, text_of, until
+from tests.tui.pilot import cells, column, note_titled, notes, text_of, until
 from tui.app import FerrymanApp
 from tui.screens.dialogs import ConfirmDialog, ThumbprintDialog
 from tui.screens.machine import MachineScreen
@@ -272,13 +272,18 @@ async def test_vsphere_first_contact_asks_to_confirm_the_thumbprint(
         await pilot.press("ctrl+s")
         dialog = await until(
             pilot,
-            lambda: isinstance(app.screen, ThumbprintDialog) and app.screen,
+            lambda: (
+                isinstance(app.screen, ThumbprintDialog)
+                and app.screen.query_one("#no")
+                and app.screen
+            ),
             "thumbprint confirmation",
             timeout=30,
         )
         shown = text_of(dialog.query_one(".dialog-body", Static))
         pairs = ":".join(fingerprint[i : i + 2] for i in range(0, 64, 2)).upper()
         assert pairs in shown and "vc-test.local" in shown
+        await pilot.pause(0.3)
         await pilot.click("#no")
         await until(pilot, lambda: app.screen is form, "back in the form")
         assert "not trusted: nothing was sent" in text_of(form.query_one("#form-status", Static))
@@ -286,15 +291,20 @@ async def test_vsphere_first_contact_asks_to_confirm_the_thumbprint(
         await pilot.press("ctrl+s")
         dialog = await until(
             pilot,
-            lambda: isinstance(app.screen, ThumbprintDialog) and app.screen,
+            lambda: (
+                isinstance(app.screen, ThumbprintDialog)
+                and app.screen.query_one("#trust")
+                and app.screen
+            ),
             "asked again",
             timeout=30,
         )
+        await pilot.pause(0.3)  # laid out before the click lands
         await pilot.click("#trust")
         await until(
             pilot,
             lambda: "ferrymand refused" in text_of(form.query_one("#form-status", Static)),
-            "the daemon's refusal",
+            f"the daemon's refusal ({notes(app)})",
             timeout=60,
         )
         assert note_titled(app, "Saving the source failed")
@@ -385,6 +395,7 @@ async def test_test_run_timeline_and_rto(scene: Env, app_for: AppFor) -> None:
         await until(pilot, lambda: tl.row_count == 3, "timeline rows")
         assert column(tl, 0) == ["db01", "app01", "web01"]  # by rank
         assert column(tl, 2) == ["15m", "23m", "25m"]
+        assert column(tl, 3) == ["✓ ready"] * 3
         db01_bar = column(tl, 4)[0]
         assert db01_bar.index("C") < db01_bar.index("B") < db01_bar.index("R")
         assert "RTO 25m" in text_of(app.screen.query_one("#tr-head", Static))
@@ -403,14 +414,26 @@ async def test_cutover_wizard_clock_and_typed_confirmation(scene: Env, app_for: 
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.press("5")
         steps = app.screen.query_one("#co-steps", DataTable)
-        await until(pilot, lambda: steps.row_count == 9 and "convert" in column(steps, 1), "steps")
-        assert column(steps, 2)[:6] == ["done"] * 5 + ["running"]
-        assert column(steps, 0)[:6] == ["✓"] * 5 + ["▶"]
+        await until(pilot, lambda: steps.row_count == 7 and "running" in column(steps, 2), "steps")
+        assert column(steps, 1) == [
+            "preflight",
+            "final-delta",
+            "stop-source",
+            "last-delta",
+            "seal",
+            "bring-up",
+            "commit",
+        ]
+        assert column(steps, 2) == ["done"] * 5 + ["running", "waiting"]
+        assert column(steps, 0) == ["✓"] * 5 + ["▶", "·"]
+        assert column(steps, 3)[1] == "21m"
         clock = text_of(app.screen.query_one("#co-clock", Static))
         assert "00:06:00" in clock and "running" in clock
+        assert "bring-up is running in ferrymand" in text_of(
+            app.screen.query_one("#co-help", Static)
+        )
         await pilot.press("n")
         assert note_titled(app, "Nothing to confirm")
-        steps.move_cursor(row=2)  # stop-source
         await pilot.press("b")
         dialog = await until(
             pilot,
@@ -421,8 +444,16 @@ async def test_cutover_wizard_clock_and_typed_confirmation(scene: Env, app_for: 
         await pilot.click("#yes")
         assert "type exactly dr-main" in text_of(dialog.query_one("#word-error", Static))
         assert isinstance(app.screen, ConfirmDialog), "a wrong word does nothing"
-        await pilot.press("escape")
-        assert not isinstance(app.screen, ConfirmDialog)
+        dialog.query_one("#word", Input).value = "dr-main"
+        dialog.query_one("#word", Input).focus()
+        await pilot.press("enter")  # in the word field: the same as the button
+        # the daemon refuses a rollback while a step runs, and the refusal says so
+        _, body = await until(
+            pilot,
+            lambda: note_titled(app, "Rolling the cutover back failed"),
+            f"the daemon's answer ({notes(app)})",
+        )
+        assert "running" in body or "busy" in body
 
 
 # -- calculator and events ---------------------------------------------------------------------
@@ -459,7 +490,9 @@ async def test_events_filter_level_and_audit(scene: Env, app_for: AppFor) -> Non
         ev.focus()
         await pilot.press("a")
         au = app.screen.query_one("#au-table", DataTable)
-        await until(pilot, lambda: au.row_count == 4, "audit rows")
-        assert column(au, 1)[0] == "bob" and column(au, 2)[0] == "console"
-        assert column(au, 5)[1].startswith("✗ refused")
+        await until(pilot, lambda: au.row_count == 5, "audit rows")
+        # newest first: this session's login (who the kernel says we are), then the seed
+        assert column(au, 3)[0] == "login" and column(au, 2)[0] == "console"
+        assert column(au, 1)[1] == "bob" and column(au, 2)[1] == "console"
+        assert column(au, 5)[2].startswith("✗ refused")
         assert "ssh:10.0.0.9" in column(au, 2)

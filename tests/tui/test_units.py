@@ -161,38 +161,45 @@ def test_plan_diff() -> None:
 
 
 def test_timeline_letters_and_cutover_steps() -> None:
+    def m(rank: int, c: float, w: float, b: float, r: float) -> dict[str, object]:
+        return {
+            "rank": rank,
+            "state": "ready",
+            "rto_s": c + w + b + r,
+            "phases": {"convert_s": c, "wait_s": w, "boot_s": b, "ready_s": r},
+        }
+
     run = {
-        "started_at": ts(10),
-        "ended_at": ts(0),
         "report": {
-            "started_at": ts(10),
-            "machines": [
-                {
-                    "machine": "db01",
-                    "rank": 1,
-                    "state": "ready",
-                    "rto_s": 600,
-                    "phases": {
-                        "convert": {"start": ts(10), "end": ts(5)},
-                        "boot": {"start": ts(5), "end": ts(2)},
-                        "ready": {"start": ts(2), "end": ts(0)},
-                    },
-                }
+            "machines": {
+                "db01": {**m(1, 4, 0, 2, 2), "machine": "db01"},
+                "web01": {**m(2, 2, 6, 1, 1), "machine": "web01"},
+            },
+            "totals": {"rto_s": 10},
+        }
+    }
+    rows = timeline_rows(run, 10)
+    assert [r[:4] for r in rows] == [
+        ("db01", "1", "8s", "✓ ready"),
+        ("web01", "2", "10s", "✓ ready"),
+    ]
+    assert rows[0][4] == "CCCCBBRR  " and rows[1][4] == "CC······BR"
+    cut = {
+        "state": "failed",
+        "next": "final-delta",
+        "report": {
+            "stopped_wall": (NOW - timedelta(minutes=6)).timestamp(),
+            "steps": [
+                {"step": "preflight", "state": "done", "seconds": 0.0},
+                {"step": "final-delta", "state": "failed", "seconds": 3.0},
             ],
         },
     }
-    [(name, rank, bar, rto, state)] = timeline_rows(run, 10, NOW)
-    assert (name, rank) == ("db01", "1")
-    assert bar == "CCCCCBBBRR" and rto == "10m" and state == "✓ ready"
-    cut = {
-        "report": {
-            "source_stopped_at": ts(6),
-            "steps": {"preflight": {"state": "done"}, "final-delta": {"state": "failed"}},
-        }
-    }
     assert next_step(cut) == "final-delta"
     assert [s[2] for s in cutover_steps(cut)][:3] == ["done", "failed", "waiting"]
-    assert downtime_s(cut, NOW) == (timedelta(minutes=6).total_seconds(), True)
+    assert cutover_steps(cut)[2][3] is True  # stop-source asks to type the plan name
+    assert downtime_s(cut, NOW) == (360.0, True)
+    assert downtime_s({"state": "committed", "report": {"downtime_s": 42.5}}, NOW) == (42.5, False)
 
 
 def test_reachability_names_the_problem() -> None:

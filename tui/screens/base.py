@@ -7,9 +7,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, cast
 
 from textual.app import ComposeResult
+from textual.events import Key
 from textual.screen import ModalScreen, Screen
 from textual.timer import Timer
-from textual.widgets import Footer
+from textual.widgets import Footer, Input, TextArea
 from textual.worker import Worker
 
 from tui import failures
@@ -55,6 +56,13 @@ class FerrymanScreen(Reports, Screen[None]):
         if self.auto_refresh and self.services.refresh_s > 0:
             self._timer = self.set_interval(self.services.refresh_s, self.tick)
 
+    def on_key(self, event: Key) -> None:
+        # Escape leaves a text field, so that the screen keys (1-7, letters) work again.
+        if event.key == "escape" and isinstance(self.focused, (Input, TextArea)):
+            self.set_focus(None)
+            event.stop()
+            event.prevent_default()
+
     def tick(self) -> None:
         # Skip a beat rather than pile up threads when the daemon is slow.
         if not any(w.is_running for w in self.own_workers() if w.group == "load"):
@@ -80,6 +88,13 @@ class FerrymanModal(Reports, ModalScreen[Any]):
     """A dialog; Escape always leaves it without sending anything."""
 
     BINDINGS = [("escape", "dismiss_none", "Cancel")]
+
+    def compose(self) -> ComposeResult:
+        yield from self.compose_dialog()
+        yield Footer()  # the dialog's own keys, not those of the screen below
+
+    def compose_dialog(self) -> ComposeResult:
+        yield from ()
 
     def action_dismiss_none(self) -> None:
         self.dismiss(None)

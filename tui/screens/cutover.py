@@ -1,8 +1,9 @@
-"""Cutover wizard: the steps with explicit confirmations, live state, a rollback action at
-each step and the downtime clock (source stop to all ready).
+"""Cutover wizard: the steps with explicit confirmations, live state, the rollback action and
+the downtime clock (source stop to all ready).
 
-The state machine lives in ferrymand (issue 6); this screen shows plan_runs of kind
-'cutover' from the store and sends each confirmation through Services.cutover_step.
+The state machine lives in ferrymand (appliance/plans/cutover.py); this screen shows the
+plan's newest cutover run and sends each confirmation. Steps that cannot be undone by a
+restart of the source (stop-source, commit) ask to type the plan name.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from tui.screens.base import FerrymanScreen
 from tui.screens.dialogs import ConfirmDialog
 from tui.widgets.plans.timeline import STEP_MARK, cutover_steps, downtime_s, next_step
 
+FINAL = ("committed", "rolled-back")
+BUSY = ("running", "rolling-back")
+
 
 def clock_hms(seconds: float | None) -> str:
     if seconds is None:
@@ -35,7 +39,7 @@ def clock_hms(seconds: float | None) -> str:
 class CutoverScreen(FerrymanScreen):
     NAV = "cutover"
     BINDINGS = [
-        Binding("n", "confirm", "Next step (confirm)"),
+        Binding("n", "confirm", "Start / next step"),
         Binding("b", "rollback", "Roll back"),
     ]
 
@@ -62,7 +66,7 @@ class CutoverScreen(FerrymanScreen):
         t = self.query_one("#co-steps", DataTable)
         t.add_column("", width=2)
         t.add_column("STEP", width=12)
-        t.add_column("STATE", width=11)
+        t.add_column("STATE", width=12)
         t.add_column("TOOK", width=6)
         t.add_column("WHAT")
         t.focus()
@@ -80,8 +84,8 @@ class CutoverScreen(FerrymanScreen):
             sel = self.query_one("#co-plan", Select)
             sel.set_options([(p["name"], p["name"]) for p in msg.plans])
             if self.plan is None and msg.plans:
-                running = next((r["plan"] for r in msg.runs if r["state"] == "running"), None)
-                self.plan = running or msg.plans[0]["name"]
+                open_run = next((r["plan"] for r in msg.runs if r["state"] not in FINAL), None)
+                self.plan = open_run or msg.plans[0]["name"]
                 sel.value = self.plan
         self.plans, self.runs = msg.plans, msg.runs
         self.render_steps()
@@ -93,69 +97,81 @@ class CutoverScreen(FerrymanScreen):
             self.render_steps()
 
     def current_run(self) -> dict[str, Any] | None:
+        """The plan's newest cutover (runs come newest first)."""
         return next((r for r in self.runs if r["plan"] == self.plan), None)
 
     def render_steps(self) -> None:
         run = self.current_run()
-        now = self.services.now()
         t = self.query_one("#co-steps", DataTable)
         cur = t.cursor_row
         t.clear()
-        steps = ((run or {}).get("report") or {}).get("steps", {})
-        for step, label, state, typed in cutover_steps(run):
-            info = steps.get(step) or {}
-            took = None
-            if info.get("start"):
-                end = fmt.parse_ts(info.get("end")) or now
-                took = (end - fmt.parse_ts(info["start"])).total_seconds()  # type: ignore[operator]
+        for step, label, state, typed, secs in cutover_steps(run):
+            word = {"failed": "✗ FAILED", "awaiting": "? CONFIRM"}.get(state, state)
             t.add_row(
                 STEP_MARK.get(state, "?"),
                 step,
-                state.upper() if state in ("failed",) else state,
-                fmt.duration(took),
+                word,
+                fmt.duration(secs),
                 label + (" (type the plan name)" if typed else ""),
                 key=step,
             )
         t.move_cursor(row=cur)
-        secs, running = downtime_s(run, now)
+        secs, running = downtime_s(run, self.services.now())
         clock = Text()
         clock.append(" DOWNTIME ", style="bold reverse")
         clock.append(f" {clock_hms(secs)} ", style="bold")
         clock.append("running" if running else ("ended" if secs is not None else "not started"))
         self.query_one("#co-clock", Static).update(clock)
+        self.query_one("#co-help", Static).update(self.help_text(run))
+
+    def help_text(self, run: dict[str, Any] | None) -> Text:
+        t = Text()
         nxt = next_step(run)
-        help_ = Text()
         if self.plan is None:
-            help_.append("No plan yet: write one in 3 (Plans), test it in 4, then come back.")
-        elif run is None:
-            help_.append(
-                f"No cutover of {self.plan} yet. Enter starts with the preflight; "
-                "nothing is stopped before you confirm 'stop-source'."
+            t.append("No plan yet: write one in 3 (Plans), test it in 4, then come back.")
+        elif run is None or run["state"] in FINAL:
+            if run is not None:
+                t.append(f"Last cutover of {self.plan}: {run['state']}. ")
+            t.append(
+                f"n starts a cutover of {self.plan}: the preflight runs; nothing is "
+                "stopped before you confirm stop-source."
             )
         elif nxt:
-            help_.append(
-                f"Next: {nxt}. Enter confirms it; b rolls back the highlighted step "
-                "(sources started again, target discarded)."
+            state = "failed; n repeats it" if run["state"] == "failed" else "waits for you: n"
+            t.append(f"Cutover {run['id']}: {nxt} {state}. ", style="bold")
+            t.append("b rolls back (sources started again, targets discarded, points kept).")
+        elif run["state"] in BUSY:
+            t.append(
+                f"Cutover {run['id']}: {run['step']} is running in ferrymand; closing "
+                "this screen does not stop it."
             )
-        elif run["state"] == "running":
-            help_.append("A step is running in ferrymand; closing this screen does not stop it.")
         else:
-            help_.append(f"Cutover {run['state']}.")
-        self.query_one("#co-help", Static).update(help_)
+            t.append(f"Cutover {run['id']}: {run['state']}.")
+        return t
 
     # -- actions ------------------------------------------------------------------------------
 
     def action_confirm(self) -> None:
-        if self.plan is None:
+        plan = self.plan
+        if plan is None:
             self.notify("choose a plan first", title="Nothing to confirm")
             return
         run = self.current_run()
-        step = next_step(run) if run else "preflight"
-        if step is None:
-            self.notify("no step waits for a confirmation", title="Nothing to confirm")
+        if run is None or run["state"] in FINAL:
+            self.app.push_screen(
+                ConfirmDialog(
+                    f"Start the cutover of {plan}",
+                    "Runs the preflight now. Each later step waits for you.",
+                    "Start cutover",
+                ),
+                lambda yes: self.send_start(plan) if yes else None,
+            )
             return
-        label, typed = next((lbl, ty) for s, lbl, _, ty in cutover_steps(run) if s == step)
-        plan = self.plan
+        step = next_step(run)
+        if step is None:
+            self.notify(f"{run['step']} is still running", title="Nothing to confirm")
+            return
+        label, typed = next((lbl, ty) for s, lbl, _, ty, _ in cutover_steps(run) if s == step)
         self.app.push_screen(
             ConfirmDialog(
                 f"Cutover {plan}: {step}",
@@ -163,8 +179,24 @@ class CutoverScreen(FerrymanScreen):
                 f"Run {step}",
                 type_to_confirm=plan if typed else "",
             ),
-            lambda yes: self.send_step(plan, step) if yes else None,
+            lambda yes: self.send_step(int(run["id"]), step) if yes else None,
         )
+
+    @work(
+        thread=True,
+        exclusive=True,
+        exit_on_error=False,
+        group="action",
+        name="Starting the cutover",
+    )
+    def send_start(self, plan: str) -> None:
+        run = self.services.cutover_start(plan)
+        self.post_message(
+            ActionDone(
+                f"cutover {run['id']} of {plan} started", f"preflight done; next: {run.get('next')}"
+            )
+        )
+        self.app.call_from_thread(self.load)
 
     @work(
         thread=True,
@@ -173,28 +205,32 @@ class CutoverScreen(FerrymanScreen):
         group="action",
         name="Confirming the cutover step",
     )
-    def send_step(self, plan: str, step: str) -> None:
-        self.services.cutover_step(plan, step, confirm=plan)
-        self.post_message(ActionDone(f"cutover {plan}: {step} confirmed"))
+    def send_step(self, run_id: int, step: str) -> None:
+        self.services.cutover_confirm(run_id, step)
+        self.post_message(
+            ActionDone(
+                f"cutover {run_id}: {step} confirmed",
+                "it runs in ferrymand; quitting does not stop it",
+            )
+        )
         self.app.call_from_thread(self.load)
 
     def action_rollback(self) -> None:
         run = self.current_run()
-        t = self.query_one("#co-steps", DataTable)
-        if run is None or self.plan is None:
-            self.notify("no cutover is in progress", title="Nothing to roll back")
-            return
-        step = str(t.coordinate_to_cell_key(t.cursor_coordinate).row_key.value)
         plan = self.plan
+        if run is None or plan is None or run["state"] in FINAL:
+            self.notify("no open cutover to roll back", title="Nothing to roll back")
+            return
+        where = next_step(run) or run.get("step") or "?"
         self.app.push_screen(
             ConfirmDialog(
-                f"Roll back {plan} from {step}",
-                "The sources are started again and the target machines discarded. "
-                "Restore points stay.",
+                f"Roll back cutover {run['id']} of {plan} (at {where})",
+                "Every source this cutover stopped is started again and the target "
+                "machines are discarded. Restore points stay.",
                 "Roll back",
                 type_to_confirm=plan,
             ),
-            lambda yes: self.send_rollback(plan, step) if yes else None,
+            lambda yes: self.send_rollback(int(run["id"])) if yes else None,
         )
 
     @work(
@@ -204,7 +240,7 @@ class CutoverScreen(FerrymanScreen):
         group="action",
         name="Rolling the cutover back",
     )
-    def send_rollback(self, plan: str, step: str) -> None:
-        self.services.cutover_rollback(plan, step)
-        self.post_message(ActionDone(f"cutover {plan}: rollback from {step} started"))
+    def send_rollback(self, run_id: int) -> None:
+        self.services.cutover_rollback(run_id)
+        self.post_message(ActionDone(f"cutover {run_id}: rollback started"))
         self.app.call_from_thread(self.load)

@@ -67,7 +67,7 @@ class DashboardScreen(FerrymanScreen):
     def on_mount(self) -> None:
         self.query_one("#jobs", DataTable).add_columns("ID", "KIND", "MACHINE", "STATE")
         ev = self.query_one("#events", DataTable)
-        ev.add_column("TIME", width=8)
+        ev.add_column("TIME")
         ev.add_column("LEVEL", width=7)
         ev.add_column("MESSAGE")
         self.query_one(MachineTable).set_layout(self.size.width >= WIDE)

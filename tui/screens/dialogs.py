@@ -20,7 +20,7 @@ class ConfirmDialog(FerrymanModal):
         self.title_text, self.body, self.confirm = title, body, confirm
         self.word = type_to_confirm
 
-    def compose(self) -> ComposeResult:
+    def compose_dialog(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Static(self.title_text, classes="dialog-title")
             yield Static(self.body, classes="dialog-body")
@@ -60,7 +60,7 @@ class ThumbprintDialog(FerrymanModal):
         super().__init__()
         self.uri, self.cert = uri, cert
 
-    def compose(self) -> ComposeResult:
+    def compose_dialog(self) -> ComposeResult:
         c = self.cert
         fp = str(c.get("thumbprint", "")).replace(":", "").lower()  # any spelling
         pairs = ":".join(fp[i : i + 2] for i in range(0, len(fp), 2)).upper()

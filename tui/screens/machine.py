@@ -70,6 +70,27 @@ def inspection_text(rp: dict[str, Any] | None) -> Text:
     return t
 
 
+def job_note(result: Any) -> str:
+    """What a finished job left, in a few words: the restore point, what it wrote."""
+    if not isinstance(result, dict):
+        return str(result or "")[:80]
+    parts = []
+    rp = result.get("restore_point") or result.get("restore_point_id")
+    if rp:
+        parts.append(f"rp {rp}")
+    if "full" in result:
+        parts.append("full" if result["full"] else "incremental")
+    for key, label in (("bytes_written", "wrote"), ("bytes_read", "read")):
+        if result.get(key) is not None:
+            parts.append(f"{label} {fmt.size(result[key])}")
+            break
+    if result.get("reason"):
+        parts.append(str(result["reason"]))
+    if result.get("verified") or result.get("result"):
+        parts.append(str(result.get("verified") or result.get("result")))
+    return ", ".join(parts) or ", ".join(f"{k}={v}" for k, v in list(result.items())[:2])[:80]
+
+
 class MachineScreen(FerrymanScreen):
     NAV = "dashboard"
     BINDINGS = [
@@ -167,14 +188,7 @@ class MachineScreen(FerrymanScreen):
         jobs = self.query_one("#m-jobs", DataTable)
         jobs.clear()
         for j in m.get("jobs", []):
-            note = (j.get("error") or "")[:60]
-            if not note and j.get("result"):
-                r = j["result"]
-                note = (
-                    ", ".join(f"{k}={v}" for k, v in list(r.items())[:3])
-                    if isinstance(r, dict)
-                    else str(r)[:60]
-                )
+            note = (j.get("error") or "")[:80] or job_note(j.get("result"))
             jobs.add_row(
                 str(j["id"]),
                 j["kind"],
@@ -196,7 +210,7 @@ class MachineScreen(FerrymanScreen):
             bar.update(total=p["total"], progress=p.get("done", 0))
         eta = fmt.duration(p.get("eta_s")) if p.get("eta_s") is not None else "-"
         self.query_one("#m-job", Static).update(
-            f"{fmt.job_state(job['state'])} {job['kind']} job {job['id']}: "
+            f"{fmt.job_state(job['state'])} {job['kind']} {job['id']}: "
             f"{p.get('phase', '')} {fmt.rate(p.get('rate'))} ETA {eta}"
         )
 

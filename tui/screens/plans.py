@@ -1,8 +1,8 @@
 """Plan editor: a form view (machines, ranks, networks, checks), a JSON view validated as you
 type (line, path, fix), save with versions, and the diff against the previous version.
 
-Plans are read from the store; saving goes through Services.save_plan, which the daemon will
-serve with issue 6 (until then the save is refused with that reason and the text stays here).
+Plans come from ferrymand's plan API; saving sends the document, which the daemon validates
+again against its inventory and stores as a new version only when it changed.
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ from tui import plan_schema as ps
 from tui.messages import ActionDone
 from tui.screens.base import FerrymanScreen
 from tui.widgets.common.fields import Field, check_all, integer, max_len
+
+
+def doc_of(version: dict[str, Any]) -> Any:
+    d = version["document"]
+    return json.loads(d) if isinstance(d, str) else d
 
 
 def check_summary(c: dict[str, Any]) -> str:
@@ -104,7 +109,7 @@ class PlansScreen(FerrymanScreen):
     def load(self) -> None:
         s = self.services
         plans = s.plans()
-        versions = {p["name"]: s.plan_versions(p["name"]) for p in plans}
+        versions = {p["name"]: s.plan_versions(p["name"], p["version"]) for p in plans}
         protected = [m for m in s.client.machines() if m["protected"]]
         self.post_message(self.Loaded(plans, versions, protected))
 
@@ -127,7 +132,7 @@ class PlansScreen(FerrymanScreen):
     def open_plan(self, name: str) -> None:
         self.current = name
         vs = self.versions.get(name) or []
-        text = ps.dumps(json.loads(vs[-1]["document"])) if vs else ""
+        text = ps.dumps(doc_of(vs[-1])) if vs else ""
         self.query_one("#pl-text", TextArea).load_text(text)
         self.revalidate()
 
@@ -153,7 +158,7 @@ class PlansScreen(FerrymanScreen):
                 out.append(f"  {p}\n")
         else:
             vs = self.versions.get(self.current or "") or []
-            saved = vs and ps.dumps(json.loads(vs[-1]["document"])) == text
+            saved = vs and ps.dumps(doc_of(vs[-1])) == text
             out.append(
                 "✓ valid"
                 + (
@@ -210,7 +215,7 @@ class PlansScreen(FerrymanScreen):
         out = Text()
         sections: list[tuple[str, list[str]]] = []
         if vs:
-            last = ps.dumps(json.loads(vs[-1]["document"]))
+            last = ps.dumps(doc_of(vs[-1]))
             if text != last:
                 sections.append(
                     (
@@ -219,7 +224,7 @@ class PlansScreen(FerrymanScreen):
                     )
                 )
             if len(vs) > 1:
-                prev = ps.dumps(json.loads(vs[-2]["document"]))
+                prev = ps.dumps(doc_of(vs[-2]))
                 sections.append(
                     (
                         f"v{vs[-1]['version']} ({vs[-1]['created_by'] or '?'}, "

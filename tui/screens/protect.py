@@ -8,11 +8,12 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Button, Checkbox, Static
+from textual.widgets import Button, Static
 
 from tui.messages import ActionDone
 from tui.screens.base import FerrymanModal
 from tui.widgets.common.fields import Field, check_all, max_len
+from tui.widgets.common.toggle import Toggle
 
 MIN_RPO_S = 60  # the daemon refuses shorter targets
 MIN_THROTTLE_BPS = 64 * 1024  # the daemon refuses lower limits
@@ -72,7 +73,7 @@ class ProtectDialog(FerrymanModal):
         self.machine_name = name
         self.machine = machine or {}
 
-    def compose(self) -> ComposeResult:
+    def compose_dialog(self) -> ComposeResult:
         m = self.machine
         rpo = m.get("rpo_seconds")
         thr = m.get("throttle_bps")
@@ -91,7 +92,7 @@ class ProtectDialog(FerrymanModal):
                 value=f"{thr // 1024**2}M" if thr else "",
                 checks=[max_len(12), _check(parse_throttle)],
             )
-            yield Checkbox(
+            yield Toggle(
                 "verify every sync (block-hash compare; costs a read)",
                 value=bool(m.get("verify_every_sync")),
                 id="verify",
@@ -113,7 +114,7 @@ class ProtectDialog(FerrymanModal):
             return
         rpo = parse_rpo(self.query_one("#field-rpo", Field).value)
         thr = parse_throttle(self.query_one("#field-throttle", Field).value)
-        self.send(rpo, thr, self.query_one("#verify", Checkbox).value)
+        self.send(rpo, thr, self.query_one("#verify", Toggle).value)
 
     @work(thread=True, exclusive=True, exit_on_error=False, name="Saving the protection")
     def send(self, rpo: int, throttle: int | None, verify: bool) -> None:

@@ -13,7 +13,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
-from textual.widgets import Button, Checkbox, Select, Static
+from textual.widgets import Button, Select, Static
 
 from appliance.errors import FerrymanError
 from appliance.inventory import KINDS, SCHEMES
@@ -22,6 +22,7 @@ from tui.screens.base import FerrymanModal
 from tui.screens.dialogs import ThumbprintDialog
 from tui.services import reachability
 from tui.widgets.common.fields import Check, Field, check_all, max_len, name_rule, required
+from tui.widgets.common.toggle import Toggle
 
 LABELS = {
     "vsphere": "vCenter / ESXi",
@@ -69,7 +70,7 @@ class SourceForm(FerrymanModal):
         self.kind = (source or {}).get("kind", "vsphere")
         self.thumbprint: str | None = (source or {}).get("tls_thumbprint")
 
-    def compose(self) -> ComposeResult:
+    def compose_dialog(self) -> ComposeResult:
         s = self.source or {}
         with VerticalScroll(classes="dialog wide"):
             yield Static(
@@ -92,7 +93,7 @@ class SourceForm(FerrymanModal):
                 "Address",
                 id="uri",
                 value=s.get("uri", ""),
-                placeholder=EXAMPLES[self.kind],
+                placeholder=f"e.g. {EXAMPLES[self.kind]}",
                 checks=[required("the address"), max_len(1024)],
             )
             yield Field(
@@ -104,7 +105,7 @@ class SourceForm(FerrymanModal):
                 password=True,
                 checks=[max_len(4096)],
             )
-            yield Checkbox(
+            yield Toggle(
                 "insecure: skip the certificate check (not recommended)",
                 id="insecure",
                 value=bool(s.get("insecure")),
@@ -131,7 +132,7 @@ class SourceForm(FerrymanModal):
         for fid in ("#field-username", "#field-password"):
             self.query_one(fid).display = login
         self.query_one("#insecure").display = self.kind == "vsphere"
-        self.query_one("#field-uri", Field).input.placeholder = EXAMPLES[self.kind]
+        self.query_one("#field-uri", Field).input.placeholder = f"e.g. {EXAMPLES[self.kind]}"
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "save":
@@ -162,7 +163,7 @@ class SourceForm(FerrymanModal):
         need_cert = (
             self.kind == "vsphere"
             and not self.thumbprint
-            and not self.query_one("#insecure", Checkbox).value
+            and not self.query_one("#insecure", Toggle).value
         )
         self.precheck(self.query_one("#field-uri", Field).value.strip(), need_cert)
 
@@ -204,7 +205,7 @@ class SourceForm(FerrymanModal):
     def send(self) -> None:
         self.status("… ferrymand is testing the source")
         vals = {f.input_id: f.value.strip() for f in self.query(Field)}
-        self.submit(vals, self.query_one("#insecure", Checkbox).value)
+        self.submit(vals, self.query_one("#insecure", Toggle).value)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="form", name="Saving the source")
     def submit(self, vals: dict[str, str], insecure: bool) -> None:

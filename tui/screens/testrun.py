@@ -1,5 +1,5 @@
-"""Test runs: a live timeline per machine (convert, boot, ready), the measured RTO and the
-report. Runs are read from the store; starting one goes through Services.start_test_run."""
+"""Test runs: a live timeline per machine (convert, wait, boot, ready), the measured RTO and
+the report, from ferrymand's plan API; r starts a run of the selected plan."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from textual.widgets import DataTable, Static
 from tui import format as fmt
 from tui.messages import JobSubmitted
 from tui.screens.base import FerrymanScreen
-from tui.widgets.plans.timeline import timeline_rows
+from tui.widgets.plans.timeline import run_rto, timeline_rows
 
 BAR_MIN, BAR_MAX = 12, 90
 
@@ -75,7 +75,7 @@ class TestRunScreen(FerrymanScreen):
                 str(r["id"]),
                 f"{r['plan']} v{r['version']}",
                 state,
-                fmt.duration((r["report"] or {}).get("rto_s")),
+                fmt.duration(run_rto(r)),
                 key=str(r["id"]),
             )
         if self.runs:
@@ -114,8 +114,8 @@ class TestRunScreen(FerrymanScreen):
         h = Text()
         h.append(f"run {run['id']}  plan {run['plan']} v{run['version']}  ", style="bold")
         h.append(f"{run['state']}  started {fmt.clock(run['started_at'], now)}  ")
-        h.append(f"RTO {fmt.duration(rep.get('rto_s'))}", style="bold")
-        h.append("\nC convert  B boot  R ready check (lower case: running)", style="dim")
+        h.append(f"RTO {fmt.duration(run_rto(run))}", style="bold")
+        h.append("\nC convert  · wait for rank  B boot  R readiness checks", style="dim")
         head.update(h)
         tl.clear(columns=True)
         tl.add_column("MACHINE")
@@ -123,17 +123,24 @@ class TestRunScreen(FerrymanScreen):
         tl.add_column("RTO")
         tl.add_column("STATE")
         tl.add_column("TIMELINE", width=width)
-        for machine, rank, bar, rto, state in timeline_rows(run, width, now):
-            tl.add_row(machine, rank, rto, state, bar)
+        for row in timeline_rows(run, width):
+            tl.add_row(*row)
         if self.show_json:
             rep_w.update(json.dumps(rep, indent=2))
         else:
             text = Text()
-            if rep.get("summary"):
-                text.append(str(rep["summary"]) + "\n")
-            for m in rep.get("machines", []):
+            totals = rep.get("totals") or {}
+            if totals:
+                text.append(
+                    f"{totals.get('ready', 0)} of {totals.get('machines', 0)} ready; "
+                    f"slowest conversion {fmt.duration(totals.get('slowest_convert_s'))}"
+                    f"; ideal {fmt.duration(totals.get('ideal_s'))}, overhead ratio "
+                    f"{totals.get('overhead_ratio') or '-'}\n"
+                )
+            ms = rep.get("machines") or {}
+            for m in ms.values() if isinstance(ms, dict) else ms:
                 if m.get("error"):
-                    text.append(f"✗ {m['machine']}: {m['error']}\n", style="bold")
+                    text.append(f"✗ {m.get('machine')}: {m['error']}\n", style="bold")
             rep_w.update(text or "(j shows the full report as JSON)")
 
     def action_json(self) -> None:

@@ -40,4 +40,11 @@ class NavBar(Widget):
             else:
                 t.append(key, style="bold underline")
                 t.append(f" {label}")
+        who = getattr(self.app, "identity", {})
+        if wide and who:
+            me = f"{who.get('user')} ({who.get('role')}) {who.get('origin')} "
+            pad = self.size.width - t.cell_len - len(me)
+            if pad > 1:
+                t.append(" " * pad)
+                t.append(me, style="dim")
         return t

@@ -1,10 +1,13 @@
-"""Timelines of plan runs as text. Phases are letters (C convert, B boot, R ready-wait), so the
-chart reads on a monochrome console; pure functions, tested on their own.
+"""Plan runs as text: the test-run timeline and the cutover steps. Phases are letters (C
+convert, · wait, B boot, R ready), so the chart reads on a monochrome console. Pure functions
+over the run rows of issue 6's API (appliance/plans: runner.py, cutover.py).
 
-The report layout read here (plan_runs.report, written by issue 6's runner):
-  {"machines": [{"machine", "rank", "state", "error", "rto_s",
-                 "phases": {"convert"|"boot"|"ready": {"start", "end"}}}],
-   "rto_s", "started_at"}
+Test-run report: machines {name: {rank, state, error, rto_s,
+                                  phases {convert_s, wait_s, boot_s, ready_s}}}, totals {rto_s}.
+Phases are durations; a machine's conversion starts at rto - (sum of its phases).
+Cutover report: steps [{step, state, seconds, at, detail}], next, stopped_wall,
+all_ready_wall, downtime_s; the run row's state is awaiting | running | failed |
+interrupted | rolling-back | committed | rolled-back.
 """
 
 from __future__ import annotations
@@ -14,91 +17,112 @@ from typing import Any
 
 from tui import format as fmt
 
-PHASES = (("convert", "C"), ("boot", "B"), ("ready", "R"))
+PHASES = (("convert_s", "C"), ("wait_s", "·"), ("boot_s", "B"), ("ready_s", "R"))
+# (step, what it does, asks for a confirmation, asks to type the plan name)
 CUTOVER_STEPS = (
-    ("preflight", "Preflight: sources, restore points, conversion verdicts", False),
-    ("final-delta", "Final delta while the sources still run", False),
-    ("stop-source", "STOP the source machines (downtime starts)", True),
-    ("last-delta", "Last delta from the stopped sources", False),
-    ("seal", "Seal the last restore points", False),
-    ("convert", "Convert for KVM", False),
-    ("boot", "Boot by plan on the production networks", False),
-    ("readiness", "Readiness checks", False),
-    ("commit", "COMMIT: sources stay off, replication ends", True),
+    ("preflight", "Preflight: plan valid, points replicated, sources controllable", False, False),
+    ("final-delta", "One more sync while the sources still run", True, False),
+    ("stop-source", "STOP the sources: downtime starts", True, True),
+    ("last-delta", "Copy what changed until the stop", False, False),
+    ("seal", "Seal the restore points that will boot", False, False),
+    ("bring-up", "Convert, boot by plan, readiness checks", False, False),
+    ("commit", "COMMIT: targets stay, sources never start again", True, True),
 )
-STEP_MARK = {"done": "✓", "running": "▶", "failed": "✗", "rolled-back": "↶", "waiting": "·"}
+STEP_MARK = {
+    "done": "✓",
+    "running": "▶",
+    "failed": "✗",
+    "awaiting": "?",
+    "waiting": "·",
+    "rolled-back": "↶",
+    "skipped": "-",
+}
+WAITING_FOR_OPERATOR = ("awaiting", "failed", "interrupted")
 
 
-def _span(run: dict[str, Any], now: datetime) -> tuple[datetime, float]:
+def _machines(report: dict[str, Any]) -> list[dict[str, Any]]:
+    ms = report.get("machines") or {}
+    rows = list(ms.values()) if isinstance(ms, dict) else list(ms)
+    return sorted(rows, key=lambda m: (m.get("rank", 0), m.get("machine", "")))
+
+
+def _segments(m: dict[str, Any]) -> tuple[float, list[tuple[str, float]]]:
+    ph = m.get("phases") or {}
+    segs = [(letter, float(ph[k])) for k, letter in PHASES if ph.get(k) is not None]
+    spent = sum(d for _, d in segs)
+    start = max(0.0, float(m["rto_s"]) - spent) if m.get("rto_s") is not None else 0.0
+    return start, segs
+
+
+def timeline_rows(run: dict[str, Any], width: int) -> list[tuple[str, str, str, str, str]]:
+    """(machine, rank, RTO, state, bar) per machine; every bar on the same time axis."""
     rep = run.get("report") or {}
-    start = fmt.parse_ts(rep.get("started_at") or run.get("started_at")) or now
-    end = fmt.parse_ts(run.get("ended_at")) or now
-    for m in rep.get("machines", []):
-        for ph in (m.get("phases") or {}).values():
-            e = fmt.parse_ts(ph.get("end")) or (now if ph.get("start") else None)
-            if e and e > end:
-                end = e
-    return start, max(1.0, (end - start).total_seconds())
-
-
-def timeline_rows(run: dict[str, Any], width: int, now: datetime) -> list[tuple[str, ...]]:
-    """(machine, rank, bar, RTO, state) per machine; the bar spans the whole run."""
-    start, total = _span(run, now)
+    machines = _machines(rep)
+    spans = [_segments(m) for m in machines]
+    total = max([s + sum(d for _, d in segs) for s, segs in spans] + [1.0])
     rows = []
-    machines = sorted(
-        (run.get("report") or {}).get("machines", []),
-        key=lambda m: (m.get("rank", 0), m.get("machine", "")),
-    )
-    for m in machines:
+    for m, (start, segs) in zip(machines, spans, strict=True):
         cells = [" "] * width
-        for phase, letter in PHASES:
-            ph = (m.get("phases") or {}).get(phase) or {}
-            s = fmt.parse_ts(ph.get("start"))
-            if s is None:
-                continue
-            e = fmt.parse_ts(ph.get("end")) or now
-            a = int((s - start).total_seconds() / total * width)
-            b = max(a + 1, int((e - start).total_seconds() / total * width))
-            for i in range(max(0, a), min(width, b)):
-                cells[i] = letter if ph.get("end") else letter.lower()
+        t = start
+        for letter, d in segs:
+            a = int(t / total * width)
+            b = max(a + 1, int((t + d) / total * width)) if d > 0 else a
+            for i in range(a, min(width, b)):
+                cells[i] = letter
+            t += d
         state = m.get("state", "")
-        mark = {"ready": "✓ ready", "failed": "✗ FAILED"}.get(state, f"▶ {state or 'waiting'}")
+        mark = {"ready": "✓ ready", "failed": "✗ FAILED"}.get(state, f"▶ {state or 'pending'}")
         rows.append(
             (
                 m.get("machine", "?"),
                 str(m.get("rank", "?")),
-                "".join(cells),
                 fmt.duration(m.get("rto_s")),
                 mark,
+                "".join(cells),
             )
         )
     return rows
 
 
-def cutover_steps(run: dict[str, Any] | None) -> list[tuple[str, str, str, bool]]:
-    """(step, label, state, needs typed confirmation) for every step of the cutover."""
-    steps = ((run or {}).get("report") or {}).get("steps", {})
+def run_rto(run: dict[str, Any]) -> float | None:
+    rep = run.get("report") or {}
+    return (rep.get("totals") or {}).get("rto_s")
+
+
+def cutover_steps(run: dict[str, Any] | None) -> list[tuple[str, str, str, bool, float | None]]:
+    """(step, what, state, typed confirmation, seconds) for every step, in order."""
+    rep = (run or {}).get("report") or {}
+    done = {e["step"]: e for e in rep.get("steps", [])}  # the last entry of a step wins
     out = []
-    for step, label, typed in CUTOVER_STEPS:
-        state = (steps.get(step) or {}).get("state", "waiting")
-        out.append((step, label, state, typed))
+    for step, label, _confirm, typed in CUTOVER_STEPS:
+        entry = done.get(step) or {}
+        state = entry.get("state", "waiting")
+        if run and run.get("state") == "running" and run.get("step") == step:
+            state = "running"
+        elif (
+            run
+            and run.get("state") in WAITING_FOR_OPERATOR
+            and run.get("next") == step
+            and state != "failed"
+        ):
+            state = "awaiting"
+        out.append((step, label, state, typed, entry.get("seconds")))
     return out
 
 
 def next_step(run: dict[str, Any] | None) -> str | None:
-    for step, _, state, _ in cutover_steps(run):
-        if state in ("waiting", "failed"):
-            return step
-        if state == "running":
-            return None
+    """The step that waits for the operator, if any."""
+    if run and run.get("state") in WAITING_FOR_OPERATOR:
+        return run.get("next") or (run.get("report") or {}).get("next")
     return None
 
 
 def downtime_s(run: dict[str, Any] | None, now: datetime) -> tuple[float | None, bool]:
-    """Seconds from source stop to all ready (or now); and whether the clock still runs."""
+    """Seconds from source stop to all ready (or to now); and whether the clock still runs."""
     rep = (run or {}).get("report") or {}
-    stopped = fmt.parse_ts(rep.get("source_stopped_at"))
-    if stopped is None:
-        return None, False
-    ready = fmt.parse_ts(rep.get("all_ready_at"))
-    return ((ready or now) - stopped).total_seconds(), ready is None
+    if rep.get("downtime_s") is not None:
+        return float(rep["downtime_s"]), False
+    if rep.get("stopped_wall"):
+        running = (run or {}).get("state") not in ("rolled-back", "committed")
+        return now.timestamp() - float(rep["stopped_wall"]), running
+    return None, False
