@@ -492,6 +492,9 @@ class _Cutover:
         return ", ".join(f"{n}: point {p}" for n, p in pts.items())
 
     def _bring_up(self) -> str:
+        left = self._discard_targets()  # a repeated bring-up starts clean
+        if left:
+            self.ctx.event(f"cutover {self.run_id}: removed a failed bring-up: {'; '.join(left)}")
         pr = PlanRun(
             self.db,
             self.run_id,
@@ -524,7 +527,8 @@ class _Cutover:
         )
         return f"{len(self.machines)} machines cut over"
 
-    def rollback(self) -> str:
+    def _discard_targets(self) -> list[str]:
+        """Remove what a bring-up made (domains, networks, disks, reader registrations)."""
         details = []
         res = self.rep.get("resources") or {}
         conn = virt.connect()
@@ -544,6 +548,18 @@ class _Cutover:
                 details.append(f"disk {p.name} removed")
         for r in res.get("readers", []):
             DiskChain(Path(r["dir"])).remove_reader(r["point"], r["id"])
+        self.rep["resources"] = {
+            "domains": [],
+            "networks": [],
+            "readers": [],
+            "overlays": [],
+            "dir": None,
+        }
+        self.save()
+        return details
+
+    def rollback(self) -> str:
+        details = self._discard_targets()
         for n, src in (self.rep.get("sources") or {}).items():
             if src.get("stopped") or src.get("stopping"):
                 o = start_source(self.db, self.machines[n])

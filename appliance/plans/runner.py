@@ -408,10 +408,25 @@ class PlanRun:
             )
         )
 
-    def boot(self, mr: MachineRun, conv: Future[None]) -> None:
-        """Wait for the conversion and the dependencies, start the domain, run the checks."""
+    def prestart(self, mr: MachineRun, conv: Future[None]) -> None:
+        """Once converted, start the domain PAUSED: libvirt's start-up (tens of seconds where
+        it re-probes qemu) overlaps the wait for the machine's turn instead of adding to it."""
+        conv.result()
+        if self.abort.is_set():
+            raise Cancelled(f"{mr.plan.machine}: run stopped before its domain started")
+        conn = virt.connect()
         try:
-            conv.result()
+            self._record("domains", mr.domain)
+            mr.console.parent.mkdir(parents=True, exist_ok=True)
+            virt.start_domain(
+                conn, self._domain_xml(mr), persistent=self.kind == "cutover", paused=True
+            )
+        finally:
+            conn.close()
+
+    def boot(self, mr: MachineRun, pre: Future[None]) -> None:
+        """Wait for the dependencies and the paused domain, resume it, run the checks."""
+        try:
             for dep in mr.plan.depends_on:
                 d = self.machines[dep]
                 while not d.ready.wait(0.2):
@@ -424,13 +439,14 @@ class PlanRun:
                     )
             if self.abort.is_set():
                 raise Cancelled(f"{mr.plan.machine}: run stopped before boot")
+            turn = self.since()
+            pre.result()  # conversion and paused start
             mr.state = "booting"
-            mr.t["boot_start"] = self.since()
+            # Its turn came while it was still converting: the boot starts with the domain.
+            mr.t["boot_start"] = max(turn, mr.t.get("convert_end", turn))
             conn = virt.connect()
             try:
-                self._record("domains", mr.domain)
-                mr.console.parent.mkdir(parents=True, exist_ok=True)
-                virt.start_domain(conn, self._domain_xml(mr), persistent=self.kind == "cutover")
+                virt.resume_domain(conn, mr.domain)
                 self.event(f"{mr.plan.machine} started as domain {mr.domain}")
                 for check in machine_checks(mr.plan):
                     r = run_check(
@@ -517,15 +533,22 @@ class PlanRun:
         boots = ThreadPoolExecutor(
             max_workers=max(1, len(ordered)), thread_name_prefix=f"run{self.run_id}-boot"
         )
+        starts = ThreadPoolExecutor(
+            max_workers=max(1, len(ordered)), thread_name_prefix=f"run{self.run_id}-start"
+        )
         try:
             conv = {mr.plan.machine: pool.submit(self.convert, mr) for mr in ordered}
+            pre = {
+                mr.plan.machine: starts.submit(self.prestart, mr, conv[mr.plan.machine])
+                for mr in ordered
+            }
             self.phase(f"converting {len(ordered)} machines ({limit} at a time)")
             for rank in self.plan.ranks():
                 self.check_cancel()
                 self.hook("before", rank)
                 members = [self.machines[m.machine] for m in self.plan.in_rank(rank)]
                 self.phase(f"rank {rank}: " + ", ".join(m.plan.machine for m in members))
-                futs = [boots.submit(self.boot, mr, conv[mr.plan.machine]) for mr in members]
+                futs = [boots.submit(self.boot, mr, pre[mr.plan.machine]) for mr in members]
                 errors: list[BaseException] = []
                 for f in futs:
                     try:
@@ -546,6 +569,7 @@ class PlanRun:
         finally:
             self._stop_watch.set()
             pool.shutdown(wait=True, cancel_futures=True)
+            starts.shutdown(wait=True, cancel_futures=True)
             boots.shutdown(wait=True, cancel_futures=True)
             self._publish()
 

@@ -356,8 +356,12 @@ def test_daemon_killed_during_a_test_run_is_cleaned_at_restart(
                     break
                 time.sleep(0.5)
         tag = store_tag(fm_env)
-        time.sleep(2)  # the domain is being created
-        live = libvirt_names(f"fm-{tag}-t{run['id']}-")
+        end = time.monotonic() + 300  # libvirt may take a minute to start a domain here
+        while time.monotonic() < end:
+            live = libvirt_names(f"fm-{tag}-t{run['id']}-")
+            if live["domains"]:
+                break
+            time.sleep(1)
         assert live["domains"] and live["networks"], live
         assert readers_left(fm_env)
         d.kill9()
