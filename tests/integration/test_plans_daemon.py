@@ -262,8 +262,10 @@ def test_plan_versions_validation_and_cli(
         bad["machines"][0]["cpus"] = 2
         v = c.validate_plan(bad)
         paths = {p["path"]: p for p in v["problems"]}
-        assert "$.machines[1].machine" in paths and "ferryman machines" in paths[
-            "$.machines[1].machine"]["fix"]
+        assert (
+            "$.machines[1].machine" in paths
+            and "ferryman machines" in paths["$.machines[1].machine"]["fix"]
+        )
         with pytest.raises(Exception) as e:
             c.save_plan("lab", bad)
         assert "$.machines[1].machine" in str(e.value)
