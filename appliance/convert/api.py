@@ -33,7 +33,7 @@ from appliance.convert.gfs import guarded, open_disks
 from appliance.convert.inspect import inspect_handle, inspect_image, refresh
 from appliance.convert.preflight import Backend, Verdict, preflight
 from appliance.convert.v2v import run_virt_v2v_in_place
-from appliance.convert.verify import VerifyReport, check
+from appliance.convert.verify import check
 from appliance.errors import Cancelled, FerrymanError
 from appliance.units import GiB, MiB
 
@@ -294,22 +294,30 @@ def _convert_v2v(
         cancel=cancel,
     )
     changes = ["virt-v2v-in-place converted the guest"]
-    steps("customise")
-    report: VerifyReport | None = None
+    steps("fix-ups")
     with (
         open_disks([overlay], readonly=False, timeout=timeout) as g,
-        guarded(g, timeout, f"customisation of {overlay}"),
+        guarded(g, timeout, f"fix-ups of {overlay}"),
     ):
-        after = inspect_handle(g, image=str(overlay), keys=keys, writable=not custom.empty)
+        after = inspect_handle(g, image=str(overlay), keys=keys, writable=True)
+        report = check(after)
+        files = GuestfsFiles(g)
+        if after.os_type == "linux" and any("device name" in p for p in report.problems):
+            # virt-v2v regenerates grub.cfg inside its appliance; with
+            # GRUB_DISABLE_LINUX_UUID=true that writes root=/dev/sda1 again, which does not
+            # exist on virtio. Same fix as the built-in converter: UUIDs, then update-grub.
+            changes += [f"fix-up: {c}" for c in linux.edit_configuration(files, after)]
+            changes += [f"fix-up: {c}" for c in linux.rebuild_grub(g, files, after)]
         if not custom.empty:
             if after.os_type != "linux":
                 raise ConversionFailed(
                     f"{overlay}: plan customisation applies to Linux guests only",
                     hint="set Windows addresses with the guest's own tools after the first boot",
                 )
-            changes += customise_mod.apply(GuestfsFiles(g), after.family, custom)  # type: ignore[arg-type]
+            changes += customise_mod.apply(files, after.family, custom)  # type: ignore[arg-type]
         steps("verify")
-        report = check(after)
+        g.sync()
+        report = check(refresh(g, after))
         g.umount_all()
     steps.finish()
     return ConvertResult(

@@ -2,7 +2,8 @@
 
 Both convert the same vmware-like Debian 12 image (images/guests) on their own overlay, in one
 run, under the same conditions (TCG libguestfs appliance); each result is then booted on
-virtio to prove it. ``ours`` and ``reference`` are wall-clock seconds of the conversion alone
+virtio to prove it. The reference is `virt-v2v-in-place` alone (Ferryman's virt-v2v backend
+adds fix-ups after it, not counted here). ``ours`` and ``reference`` are wall-clock seconds of the conversion alone
 (overlay creation, inspection, conversion, verification); the boot is not counted, but
 ``detail`` says whether each result booted and how long the boot took.
 
@@ -39,8 +40,9 @@ def run() -> list[dict[str, Any]]:
     os.environ.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from appliance.convert.api import convert
+    from appliance.convert.api import convert, create_overlay
     from appliance.convert.boot import boot
+    from appliance.convert.v2v import run_virt_v2v_in_place
 
     image = _image()
     times: dict[str, float] = {}
@@ -51,9 +53,13 @@ def run() -> list[dict[str, Any]]:
         for backend in ("builtin", "virt-v2v"):
             overlay = work / f"{backend}.qcow2"
             t0 = time.monotonic()
-            result = convert(image, overlay, backend=backend, log_dir=work)  # type: ignore[arg-type]
+            if backend == "builtin":
+                steps[backend] = convert(image, overlay, backend="builtin").steps
+            else:
+                # The reference is the tool alone, without Ferryman's fix-ups around it.
+                create_overlay(image, overlay)
+                run_virt_v2v_in_place(overlay, log_path=work / "virt-v2v.log")
             times[backend] = time.monotonic() - t0
-            steps[backend] = result.steps
             b = boot(overlay, console=work / f"{backend}.console", disk_bus="virtio", timeout=300)
             root = b.fields.get("root", "?")
             boots[backend] = (
@@ -66,7 +72,7 @@ def run() -> list[dict[str, Any]]:
     ratio = ours / ref
     detail = (
         f"vmware-like Debian 12, TCG, {os.cpu_count()} cores. built-in {ours:.1f} s "
-        f"(steps {steps['builtin']}): {boots['builtin']}. virt-v2v-in-place {ref:.1f} s: "
+        f"(steps {steps['builtin']}): {boots['builtin']}. virt-v2v-in-place alone {ref:.1f} s: "
         f"{boots['virt-v2v']}. ratio {ratio:.2f} {'meets' if ratio <= GOAL else 'misses'} "
         f"the goal <= {GOAL}."
     )
