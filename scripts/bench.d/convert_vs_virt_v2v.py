@@ -3,9 +3,9 @@
 Both convert the same vmware-like Debian 12 image (images/guests) on their own overlay, in one
 run, under the same conditions (TCG libguestfs appliance); each result is then booted on
 virtio to prove it. The reference is `virt-v2v-in-place` alone (Ferryman's virt-v2v backend
-adds fix-ups after it, not counted here). ``ours`` and ``reference`` are wall-clock seconds of the conversion alone
-(overlay creation, inspection, conversion, verification); the boot is not counted, but
-``detail`` says whether each result booted and how long the boot took.
+adds fix-ups after it, not counted here). ``ours`` and ``reference`` are wall-clock seconds
+of the conversion alone (overlay creation, inspection, conversion, verification); the boot
+is not counted, but ``detail`` says whether each result booted and how long the boot took.
 
 Goal: ours / reference <= 0.5 (conversion sits on the RTO path of every cutover).
 """
