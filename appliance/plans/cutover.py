@@ -269,6 +269,7 @@ def start(
             f"{bad[0]['detail']}" + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""),
             hint=bad[0]["fix"] or "see the preflight list",
         )
+    virt.instance_tag(db)  # names of the target's libvirt objects
     run_id = records.create_run(db, p["id"], "cutover", "awaiting", "preflight")
     rep = {
         "mode": mode,
@@ -322,9 +323,6 @@ def confirm(
     except FerrymanError:
         records.update_run(db, run_id, state="awaiting", step=step)
         raise
-    rep = records.run(db, run_id)["report"]
-    rep["job"] = job["id"]
-    records.update_run(db, run_id, report=rep)
     return {**status(db, run_id), "job": job}
 
 
@@ -353,9 +351,6 @@ def request_rollback(
     except FerrymanError:
         records.update_run(db, run_id, state=run["state"], step=run["step"])
         raise
-    rep = records.run(db, run_id)["report"]
-    rep["job"] = job["id"]
-    records.update_run(db, run_id, report=rep)
     return {**status(db, run_id), "job": job}
 
 
@@ -378,6 +373,7 @@ class _Cutover:
         self.run_id = run_id
         self.run = records.run(self.db, run_id)
         self.rep: dict[str, Any] = self.run["report"]
+        self.rep["job"] = ctx.job_id  # the job of the step in progress (cancel, status)
         self.plan_row, self.plan = _plan_of(self.db, self.run)
         self.machines = {
             mp.machine: inventory.machine_row(self.db, mp.machine) for mp in self.plan.machines

@@ -201,7 +201,7 @@ def store_tag(env: Env) -> str:
         row = con.execute("SELECT value FROM settings WHERE key='plans.instance'").fetchone()
     finally:
         con.close()
-    return str(json.loads(row[0]))
+    return str(json.loads(row[0])) if row else "(no tag yet)"
 
 
 def readers_left(env: Env) -> list[Path]:
