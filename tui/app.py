@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Iterable
 from functools import partial
+from importlib import import_module
 from pathlib import Path
 
 from textual import work
@@ -23,14 +24,7 @@ from textual.worker import Worker
 from appliance.config import paths
 from tui import failures
 from tui.messages import ActionDone, JobSubmitted, OpenMachine
-from tui.screens.calculator import CalculatorScreen
-from tui.screens.cutover import CutoverScreen
 from tui.screens.dashboard import DashboardScreen
-from tui.screens.events import EventsScreen
-from tui.screens.machine import MachineScreen
-from tui.screens.plans import PlansScreen
-from tui.screens.sources import SourcesScreen
-from tui.screens.testrun import TestRunScreen
 from tui.services import Services
 from tui.widgets.common.navbar import SCREENS, NavBar
 
@@ -58,14 +52,16 @@ MONO_TERMS = ("linux", "vt100", "vt102", "vt220", "ansi", "dumb")
 class FerrymanApp(App[None]):
     TITLE = "Ferryman"
     CSS_PATH = "ferryman.tcss"
+    # Only the dashboard is imported at start-up (time to a drawn dashboard is a benchmark);
+    # the other screens and what they need (jsonschema, TextArea...) load on first use.
     MODES = {
         "dashboard": DashboardScreen,
-        "sources": SourcesScreen,
-        "plans": PlansScreen,
-        "testrun": TestRunScreen,
-        "cutover": CutoverScreen,
-        "calculator": CalculatorScreen,
-        "events": EventsScreen,
+        "sources": lambda: _lazy("sources", "SourcesScreen"),
+        "plans": lambda: _lazy("plans", "PlansScreen"),
+        "testrun": lambda: _lazy("testrun", "TestRunScreen"),
+        "cutover": lambda: _lazy("cutover", "CutoverScreen"),
+        "calculator": lambda: _lazy("calculator", "CalculatorScreen"),
+        "events": lambda: _lazy("events", "EventsScreen"),
     }
     BINDINGS = [
         *(
@@ -107,7 +103,7 @@ class FerrymanApp(App[None]):
     # -- cross-screen requests -------------------------------------------------------------
 
     def on_open_machine(self, message: OpenMachine) -> None:
-        self.push_screen(MachineScreen(message.name))
+        self.push_screen(_lazy("machine", "MachineScreen", message.name))
 
     def on_job_submitted(self, message: JobSubmitted) -> None:
         job = message.job
@@ -144,6 +140,11 @@ class FerrymanApp(App[None]):
     def _add_source(self) -> None:
         self.switch_mode("sources")
         self.call_later(lambda: self.screen.run_action("add"))
+
+
+def _lazy(module: str, cls: str, *args: object) -> Screen[None]:
+    screen: Screen[None] = getattr(import_module(f"tui.screens.{module}"), cls)(*args)
+    return screen
 
 
 def _log_to_file() -> None:
