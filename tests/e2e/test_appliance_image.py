@@ -1,0 +1,322 @@
+"""The appliance image, booted for real under TCG: consoles and SSH land in the TUI, the operator
+cannot escape it (reliability row 25), first boot configures it, ferrymand runs under systemd,
+doctor passes, and an offline update bundle applies and rolls back.
+
+One VM for the module (boot ~60-120 s under TCG). The image is built by the fixture when its
+inputs changed (images/appliance/build; cold ~15-20 min, then cached).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.appliance_vm import HOSTNAME, Appliance, build_image, make_bundle, plain, running
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.integration,
+    pytest.mark.timeout(3600),  # includes a cold image build on the first run
+    pytest.mark.row(25),
+    pytest.mark.skipif(
+        os.geteuid() != 0, reason="the image build needs root (debootstrap, chroot)"
+    ),
+]
+
+TUI_START = b"\x1b[?1049h"  # Textual switches to the alternate screen
+
+
+@pytest.fixture(scope="module")
+def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
+    image = build_image()
+    with running(image, tmp_path_factory.mktemp("appliance")) as vm:
+        vm.boot_s = vm.wait_ssh(420)  # type: ignore[attr-defined]
+        yield vm
+
+
+def _tui_seen(data: bytes) -> bool:
+    at = data.find(TUI_START)
+    return at >= 0 and "Ferryman" in plain(data[at:])
+
+
+def _read_for(proc: subprocess.Popen[bytes], seconds: float, until: bytes = b"") -> bytes:
+    """Read a process's stdout for up to ``seconds`` (or until ``until`` shows), then stop it."""
+    assert proc.stdout is not None
+    os.set_blocking(proc.stdout.fileno(), False)
+    out = b""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and proc.poll() is None:
+        chunk = proc.stdout.read(65536)
+        if chunk:
+            out += chunk
+            if until and until in out and _tui_seen(out):
+                break
+        else:
+            time.sleep(0.5)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    rest = proc.stdout.read()
+    return out + (rest or b"")
+
+
+def test_first_boot_configured_hostname_keys_and_the_data_disk(appliance: Appliance) -> None:
+    r = appliance.admin(
+        "hostname; findmnt -no SOURCE,FSTYPE /var/lib/ferryman/volumes; "
+        "cat /var/lib/ferryman/firstboot.done; ls /etc/issue.d"
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == HOSTNAME
+    assert lines[1].split() == ["/dev/vdb", "ext4"], r.stdout  # the empty data disk was chosen
+    assert "volume_disk=/dev/vdb" in r.stdout
+    assert "ferryman-volumes.issue" not in r.stdout  # no fallback warning with a data disk
+    image = json.loads(appliance.admin("cat /etc/ferryman/image.json").stdout)
+    assert image["ferryman"]["version"] and image["kernel"] and image["debian"].startswith("12")
+
+
+def test_services_run_and_ferrymand_restarts_on_failure(appliance: Appliance) -> None:
+    r = appliance.admin("systemctl is-active ferrymand libvirtd virtlogd.socket ssh")
+    assert r.stdout.split() == ["active"] * 4, r.stdout + r.stderr
+    show = appliance.admin("systemctl show ferrymand -p Restart -p MainPID --value").stdout.split()
+    assert show[0] == "on-failure"
+    old_pid = show[1]
+    assert appliance.admin(f"sudo kill -9 {old_pid}").returncode == 0
+    deadline = time.monotonic() + 120
+    new_pid = old_pid
+    while time.monotonic() < deadline:
+        new_pid = appliance.admin("systemctl show ferrymand -p MainPID --value").stdout.strip()
+        if (
+            new_pid not in ("0", old_pid)
+            and appliance.admin("ferryman status --json").returncode == 0
+        ):
+            break
+        time.sleep(3)
+    assert new_pid not in ("0", old_pid), "ferrymand was not restarted after kill -9"
+    st = json.loads(appliance.admin("ferryman status --json").stdout)
+    assert st["health"]["pid"] == int(new_pid)
+
+
+def test_serial_console_autologs_the_operator_into_the_tui(appliance: Appliance) -> None:
+    data = appliance.wait_serial(TUI_START, 240)
+    text = plain(data)
+    assert f"{HOSTNAME} login: op (automatic login)" in text or "op (automatic login)" in text
+    deadline = time.monotonic() + 120
+    while not _tui_seen(data) and time.monotonic() < deadline:
+        time.sleep(3)
+        data = appliance.serial.read_bytes()
+    assert _tui_seen(data), "the serial console never showed the Ferryman TUI"
+
+
+def test_ssh_login_of_the_operator_lands_in_the_tui(appliance: Appliance) -> None:
+    proc = subprocess.Popen(
+        appliance.ssh_argv("op", "-tt"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    out = _read_for(proc, 150, until=b"Ferryman")
+    assert _tui_seen(out), plain(out)[-2000:]
+
+
+def test_operator_command_over_a_tty_still_gets_the_tui(appliance: Appliance) -> None:
+    proc = subprocess.Popen(
+        [*appliance.ssh_argv("op", "-tt"), "echo ESCAPED-$((6*7))"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    out = _read_for(proc, 150, until=b"Ferryman")
+    assert b"ESCAPED-42" not in out
+    assert _tui_seen(out), plain(out)[-2000:]
+
+
+def test_operator_gets_no_shell(appliance: Appliance) -> None:
+    r = appliance.ssh("op", "bash", stdin=b"echo ESCAPED-$((6*7))\nexit 0\n", timeout=60)
+    assert r.returncode != 0 and b"ESCAPED-42" not in r.stdout + r.stderr
+    assert b"opens the Ferryman text UI only" in r.stderr
+    r = appliance.ssh("op", "echo ESCAPED-$((6*7))", timeout=60)
+    assert r.returncode != 0 and b"ESCAPED-42" not in r.stdout + r.stderr
+
+
+def test_operator_gets_no_sftp_or_scp(appliance: Appliance, tmp_path: Path) -> None:
+    sftp = subprocess.run(
+        [
+            "sftp",
+            *appliance.ssh_argv("op")[1:-1],
+            "-P",
+            str(appliance.port),
+            "-b",
+            "-",
+            "op@127.0.0.1",
+        ],
+        input=b"ls /\nget /etc/passwd\n",
+        capture_output=True,
+        timeout=60,
+    )
+    assert sftp.returncode != 0
+    assert b"root:x:0:0" not in sftp.stdout
+    target = tmp_path / "passwd"
+    scp = subprocess.run(
+        [
+            "scp",
+            *appliance.ssh_argv("op")[1:-1],
+            "-P",
+            str(appliance.port),
+            "op@127.0.0.1:/etc/passwd",
+            str(target),
+        ],
+        capture_output=True,
+        timeout=60,
+    )
+    assert scp.returncode != 0 and not target.exists()
+
+
+def test_operator_gets_no_port_forwarding(appliance: Appliance) -> None:
+    # -R needs the server's consent: refused at once.
+    r = subprocess.run(
+        [
+            *appliance.ssh_argv(
+                "op", "-N", "-o", "ExitOnForwardFailure=yes", "-R", "127.0.0.1:2222:127.0.0.1:22"
+            )
+        ],
+        capture_output=True,
+        timeout=60,
+    )
+    assert r.returncode != 0 and b"forwarding failed" in r.stderr.lower(), r.stderr
+    # -L is set up by the client; the server must refuse every channel opened through it.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        lport = s.getsockname()[1]
+    proc = subprocess.Popen(
+        appliance.ssh_argv("op", "-N", "-L", f"127.0.0.1:{lport}:127.0.0.1:22"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        got = b""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", lport), timeout=10) as c:
+                    c.settimeout(15)
+                    try:
+                        got = c.recv(100)
+                    except TimeoutError:
+                        got = b""
+                    break
+            except ConnectionRefusedError:  # the client has not bound the port yet
+                time.sleep(1)
+        else:
+            pytest.fail("the ssh client never bound the local forward port")
+        assert not got.startswith(b"SSH-"), "a TCP forward reached the appliance's sshd"
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+    assert b"prohibited" in err, err
+
+
+def test_doctor_as_admin_reports_no_failing_part(appliance: Appliance) -> None:
+    r = appliance.admin("sudo ferryman doctor --json", timeout=900)
+    body = json.loads(r.stdout)
+    failing = [c for c in body["checks"] if c["verdict"] == "fail"]
+    assert failing == [] and body["ok"] is True and r.returncode == 0, failing
+    checks = {c["part"]: c for c in body["checks"]}
+    assert checks["ferrymand"]["verdict"] == "ok"
+    assert checks["libvirtd"]["verdict"] == "ok" and checks["state store"]["verdict"] == "ok"
+    assert checks["libguestfs launch"]["verdict"] == "ok", checks["libguestfs launch"]
+    # Under TCG (no nested KVM here) the accelerator is a warning that says what it costs.
+    assert checks["accelerator"]["verdict"] in ("ok", "warn"), checks["accelerator"]
+
+
+def test_support_bundle_on_the_appliance(appliance: Appliance) -> None:
+    r = appliance.admin("cd /tmp && sudo ferryman support-bundle --json", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads(r.stdout)
+    names = {m.split("/", 1)[1] for m in data["members"]}
+    assert {"doctor.json", "store/summary.json", "store/state-sanitized.db"} <= names
+    assert "logs/journal/ferrymand.log" in names and "logs/ferryman/ferrymand.log" in names
+
+
+def test_update_bundle_applies_and_rolls_back(appliance: Appliance, tmp_path: Path) -> None:
+    tar = make_bundle(tmp_path, version="0.1.0.post999")
+    sidecar = Path(f"{tar}.sha256")
+    before = json.loads(appliance.admin("sudo ferryman-update status --json").stdout)
+    old_version = appliance.admin("ferryman --version").stdout.split()[-1]
+
+    # A damaged copy is refused before anything changes.
+    bad = tmp_path / "bad" / tar.name
+    bad.parent.mkdir()
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    appliance.admin("mkdir -p /tmp/bad")
+    appliance.scp_to(bad, f"/tmp/bad/{tar.name}")
+    appliance.scp_to(sidecar, f"/tmp/bad/{sidecar.name}")
+    r = appliance.admin(f"sudo ferryman-update apply --json /tmp/bad/{tar.name}")
+    assert r.returncode == 1 and "sha256" in json.loads(r.stdout)["error"]["message"]
+    assert json.loads(appliance.admin("sudo ferryman-update status --json").stdout) == before
+
+    appliance.scp_to(tar, f"/tmp/{tar.name}")
+    appliance.scp_to(sidecar, f"/tmp/{sidecar.name}")
+    r = appliance.admin(f"sudo ferryman-update apply --json /tmp/{tar.name}", timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    applied = json.loads(r.stdout)
+    assert applied["previous"] == before["current"] and applied["applied"].startswith(
+        "0.1.0.post999"
+    )
+    assert appliance.admin("ferryman --version").stdout.split()[-1] == "0.1.0.post999"
+    st = json.loads(appliance.admin("ferryman status --json").stdout)
+    assert st["health"]["version"] == "0.1.0.post999"  # the daemon runs the new release
+
+    r = appliance.admin("sudo ferryman-update rollback --json", timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    back = json.loads(r.stdout)
+    assert back["current"] == before["current"] and back["daemon_answers"] is True
+    assert back["store_restored_from"] is None  # same schema: the store stays as it is
+    assert appliance.admin("ferryman --version").stdout.split()[-1] == old_version
+    st = json.loads(appliance.admin("ferryman status --json").stdout)
+    assert st["health"]["version"] == old_version
+
+
+def test_ova_for_vsphere_is_well_formed(tmp_path: Path) -> None:
+    """The OVA: descriptor first, a SHA-256 manifest that matches, a streamOptimized VMDK."""
+    import hashlib
+    import tarfile
+    import xml.etree.ElementTree as ET
+
+    from tests.e2e.appliance_vm import make_ova
+
+    ova = make_ova(build_image(), tmp_path)
+    with tarfile.open(ova) as tar:
+        names = tar.getnames()
+        assert names[0].endswith(".ovf") and names[1].endswith(".mf") and names[2].endswith(".vmdk")
+        files = {n: tar.extractfile(n).read() for n in names}  # type: ignore[union-attr]
+    for line in files[names[1]].decode().splitlines():
+        algo_name, digest = line.split("= ")
+        assert algo_name.startswith("SHA256(")
+        assert hashlib.sha256(files[algo_name[7:-1]]).hexdigest() == digest
+    ns = {"ovf": "http://schemas.dmtf.org/ovf/envelope/1"}
+    root = ET.fromstring(files[names[0]])
+    ref = root.find("ovf:References/ovf:File", ns)
+    assert ref is not None and ref.get(f"{{{ns['ovf']}}}href") == names[2]
+    assert int(ref.get(f"{{{ns['ovf']}}}size", "0")) == len(files[names[2]])
+    vmdk = tmp_path / "disk.vmdk"
+    vmdk.write_bytes(files[names[2]])
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", str(vmdk)], capture_output=True, check=True
+        ).stdout
+    )
+    assert info["format"] == "vmdk" and info["format-specific"]["data"]["create-type"] == (
+        "streamOptimized"
+    )
+    assert info["virtual-size"] == 16 * 1024**3
