@@ -372,6 +372,7 @@ class PlanRun:
         mr.disks = targets
         mr.t["convert_end"] = self.since()
         mr.state = "converted"
+        self._publish()
         self.event(
             f"{mr.plan.machine} converted in {mr.t['convert_end'] - mr.t['convert_start']:.1f} s"
         )
@@ -448,6 +449,7 @@ class PlanRun:
             try:
                 virt.resume_domain(conn, mr.domain)
                 self.event(f"{mr.plan.machine} started as domain {mr.domain}")
+                self._publish()  # the stored report follows the machines live
                 for check in machine_checks(mr.plan):
                     r = run_check(
                         check,
@@ -467,6 +469,7 @@ class PlanRun:
                 conn.close()
             mr.t["ready"] = self.since()
             mr.state = "ready"
+            self._publish()
             self.event(f"{mr.plan.machine} ready after {mr.t['ready']:.1f} s")
         except BaseException as e:
             if mr.state not in ("ready",):

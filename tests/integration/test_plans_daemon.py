@@ -387,3 +387,32 @@ def test_daemon_killed_during_a_test_run_is_cleaned_at_restart(
     assert libvirt_names(f"fm-{tag}-") == {"domains": [], "networks": []}
     assert readers_left(fm_env) == []
     assert not (fm_env.root / "volumes" / "plan-runs" / f"run-{run['id']}").exists()
+
+
+def test_replication_continues_during_a_test_run_then_cancel_cleans_up(
+    plans_daemon: PlansDaemon, fm_env: Env, blank_source: NbdExport
+) -> None:
+    first = replicate(fm_env, "lab", blank_source.uri, "web01")
+    with fm_env.client() as c:
+        c.save_plan("lab", small_plan(checks=[{"type": "delay", "seconds": 900}]))
+        run = c.test_run("lab")
+        end = time.monotonic() + 300
+        while time.monotonic() < end:
+            r = c.test_run_show(run["id"])
+            if any(m.get("state") == "booting" for m in r["report"].get("machines", {}).values()):
+                break
+            time.sleep(1)
+        else:
+            pytest.fail(f"the test run never booted: {r}")
+        assert r["report"]["machines"]["web01"]["restore_point"]["id"] == first["id"]
+        # A sync of the machine under test runs meanwhile and makes a new restore point.
+        job = c.wait(c.sync("web01")["id"], timeout=300)
+        assert job["state"] == "succeeded", job
+        assert c.restore_points("web01")[-1]["id"] > first["id"]
+        assert c.test_run_show(run["id"])["state"] == "running"
+        c.test_run_cancel(run["id"])
+        done = c.wait_run(run["id"], until=("succeeded", "failed", "cancelled"), timeout=300)
+    assert done["state"] == "cancelled", done
+    assert done["report"]["cleanup"]["ok"] is True
+    assert libvirt_names(f"fm-{store_tag(fm_env)}-") == {"domains": [], "networks": []}
+    assert readers_left(fm_env) == []
