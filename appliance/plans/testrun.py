@@ -118,7 +118,7 @@ def recover_interrupted(db: Database) -> list[dict[str, Any]]:
     rows = db.execute(
         "SELECT id, kind, state, step FROM plan_runs WHERE "
         "(kind='test' AND state IN ('queued','running','cleaning')) OR "
-        "(kind='cutover' AND state='running') ORDER BY id"
+        "(kind='cutover' AND state IN ('running','rolling-back')) ORDER BY id"
     ).fetchall()
     for run_id, kind, state, step in rows:
         run = records.run(db, run_id)
