@@ -184,7 +184,7 @@ def test_cutover_with_rollback_then_commit(fm_env: Env, lab: dict[str, Any]) -> 
             vm.wait_booted()
 
             # -- 1: step mode, rollback after the source was stopped ----------------------
-            run = c.cutover_start("erp", mode="step", shutdown_timeout_s=180)
+            run = c.cutover_start("erp", mode="step", shutdown_timeout_s=30)
             rid = run["id"]
             assert run["state"] == "awaiting" and run["next"] == "final-delta"
             assert all(p["ok"] for p in run["report"]["preflight"])
