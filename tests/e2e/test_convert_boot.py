@@ -17,7 +17,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.integration,
     pytest.mark.e2e,
-    pytest.mark.timeout(900),
+    pytest.mark.timeout(1800),
 ]
 BOOT_TIMEOUT = 300.0  # seconds; a converted guest reaches its marker in ~35-60 s under TCG
 
