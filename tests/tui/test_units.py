@@ -214,3 +214,11 @@ def test_reachability_names_the_problem() -> None:
         srv.bind(("127.0.0.1", 0))
         srv.listen()
         assert reachability(f"nbd://127.0.0.1:{srv.getsockname()[1]}/") is None
+
+
+def test_filter_words_and_exclusions() -> None:
+    from tui.screens.events import words_match
+
+    assert words_match("alice ssh:10.0.0.9 login ok", "alice login")
+    assert not words_match("alice ssh:10.0.0.9 login ok", "alice -login")
+    assert words_match("bob console job.sync job 12", "-login sync")

@@ -26,7 +26,25 @@ from tui.screens.base import FerrymanScreen
 from tui.widgets.dashboard.machine_table import WIDE, MachineTable, alerts, row_cells
 
 TREND_SAMPLES = 30  # live rate samples kept per machine (one per refresh)
+AGE_REFRESH_S = 10  # ages past a minute are shown in minutes: 10 s granularity is enough
 EVENTS_SHOWN = 30
+
+
+def _key(m: dict[str, Any]) -> tuple[Any, ...]:
+    """What the row shows of a machine; the daemon's own age_s/rpo_status (real clock,
+    different on every call) are left out: the screen computes them with its clock."""
+    rp = m.get("newest_rp") or {}
+    return (
+        m.get("protected"),
+        m.get("rpo_seconds"),
+        m.get("power_state"),
+        m.get("cutover_done"),
+        m.get("failed_syncs"),
+        rp.get("source_time"),
+        m.get("active_job"),
+        m.get("guest_os"),
+        m.get("source"),
+    )
 
 
 class DashboardScreen(FerrymanScreen):
@@ -52,6 +70,9 @@ class DashboardScreen(FerrymanScreen):
         self.trends: dict[str, deque[float]] = {}
         self.machines: list[dict[str, Any]] = []
         self._history_seeded: set[str] = set()
+        self._cells: dict[str, tuple[Any, tuple[str, ...]]] = {}
+        self._summary_key: Any = None
+        self._lists: Any = None
 
     def compose_body(self) -> ComposeResult:
         yield Static("connecting to ferrymand…", id="summary")
@@ -113,19 +134,42 @@ class DashboardScreen(FerrymanScreen):
         self.machines = shown
         self.app.machine_names = [m["name"] for m in msg.machines]  # type: ignore[attr-defined]
         self.render_machines()
-        self.render_summary(msg.health, msg.machines, msg.jobs)
-        self.render_jobs(msg.jobs, {m["id"]: m["name"] for m in msg.machines})
-        self.render_events(msg.events)
+        summary_key = (
+            self._age_bucket(),
+            [_key(m) for m in msg.machines],
+            len(msg.jobs),
+            [j["state"] for j in msg.jobs],
+            (msg.health.get("probe") or {}),
+        )
+        if summary_key != self._summary_key:  # 500 machines: skip what did not change
+            self._summary_key = summary_key
+            self.render_summary(msg.health, msg.machines, msg.jobs)
+        if (msg.jobs, msg.events) != self._lists:
+            self._lists = (msg.jobs, msg.events)
+            self.render_jobs(msg.jobs, {m["id"]: m["name"] for m in msg.machines})
+            self.render_events(msg.events)
+
+    def _age_bucket(self) -> int:
+        """Ages are shown to the minute past 60 s: recompute the cells every 10 s at most."""
+        return int(self.services.now().timestamp() // AGE_REFRESH_S)
 
     def render_machines(self) -> None:
+        """Row cells are recomputed only for machines whose data, trend or age bucket
+        changed: with 500 machines the loop stays free for the keyboard."""
         table = self.query_one(MachineTable)
         now = self.services.now()
-        table.show(
-            [
-                (m["name"], row_cells(m, now, self.trends.get(m["name"], ()), bool(table.wide)))
-                for m in self.machines
-            ]
-        )
+        bucket = (self._age_bucket(), bool(table.wide))
+        rows = []
+        for m in self.machines:
+            name = m["name"]
+            trend = self.trends.get(name, ())
+            key = (bucket, _key(m), len(trend), trend[-1] if trend else None)
+            cached = self._cells.get(name)
+            if cached is None or cached[0] != key:
+                cached = (key, row_cells(m, now, trend, bool(table.wide)))
+                self._cells[name] = cached
+            rows.append((name, cached[1]))
+        table.show(rows)
 
     def render_summary(
         self, health: dict[str, Any], machines: list[dict[str, Any]], jobs: list[dict[str, Any]]

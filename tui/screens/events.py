@@ -19,16 +19,26 @@ from tui.screens.base import FerrymanScreen
 LIMIT = 500
 
 
+def words_match(hay: str, text: str) -> bool:
+    """Every word must occur; a word starting with '-' must not ('-login' hides sessions)."""
+    hay = hay.lower()
+    for w in text.lower().split():
+        if w.startswith("-") and len(w) > 1:
+            if w[1:] in hay:
+                return False
+        elif w not in hay:
+            return False
+    return True
+
+
 def event_matches(e: dict[str, Any], text: str, level: str) -> bool:
     if level != "all" and e["level"] != level:
         return False
-    hay = f"{e['kind']} {e['message']} {e.get('machine') or ''}".lower()
-    return all(w in hay for w in text.lower().split())
+    return words_match(f"{e['kind']} {e['message']} {e.get('machine') or ''}", text)
 
 
 def audit_matches(a: dict[str, Any], text: str) -> bool:
-    hay = f"{a['who']} {a['origin']} {a['action']} {a['params']} {a['result']}".lower()
-    return all(w in hay for w in text.lower().split())
+    return words_match(f"{a['who']} {a['origin']} {a['action']} {a['params']} {a['result']}", text)
 
 
 def params_text(p: Any) -> str:
@@ -65,7 +75,7 @@ class EventsScreen(FerrymanScreen):
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="ev-filters"):
             yield Input(
-                placeholder="/ filter words (machine, action, who, message)",
+                placeholder="/ filter words; -word hides (e.g. -login)",
                 id="ev-filter",
                 compact=True,
             )

@@ -208,11 +208,16 @@ class MachineScreen(FerrymanScreen):
         bar = self.query_one("#m-bar", ProgressBar)
         if p.get("total"):
             bar.update(total=p["total"], progress=p.get("done", 0))
-        eta = fmt.duration(p.get("eta_s")) if p.get("eta_s") is not None else "-"
-        self.query_one("#m-job", Static).update(
-            f"{fmt.job_state(job['state'])} {job['kind']} {job['id']}: "
-            f"{p.get('phase', '')} {fmt.rate(p.get('rate'))} ETA {eta}"
-        )
+        bar.display = job["state"] == "running" and bool(p.get("total"))
+        if job["state"] == "queued":
+            text = f"… {job['kind']} {job['id']} queued: starts when the daemon has a free slot"
+        else:
+            eta = fmt.duration(p.get("eta_s")) if p.get("eta_s") is not None else "-"
+            text = (
+                f"{fmt.job_state(job['state'])} {job['kind']} {job['id']}: "
+                f"{p.get('phase', '')} {fmt.rate(p.get('rate'))} ETA {eta}"
+            )
+        self.query_one("#m-job", Static).update(text)
 
     # -- actions ------------------------------------------------------------------------------
 

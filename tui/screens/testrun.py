@@ -115,7 +115,7 @@ class TestRunScreen(FerrymanScreen):
         h.append(f"run {run['id']}  plan {run['plan']} v{run['version']}  ", style="bold")
         h.append(f"{run['state']}  started {fmt.clock(run['started_at'], now)}  ")
         h.append(f"RTO {fmt.duration(run_rto(run))}", style="bold")
-        h.append("\nC convert  · wait for rank  B boot  R readiness checks", style="dim")
+        h.append("\nC convert · wait B boot R ready-checks", style="dim")
         head.update(h)
         tl.clear(columns=True)
         tl.add_column("MACHINE")
