@@ -510,6 +510,8 @@ class _Cutover:
         self.rep["all_ready_wall"] = all_ready
         if self.rep.get("stopped_wall"):
             self.rep["downtime_s"] = round(all_ready - float(self.rep["stopped_wall"]), 2)
+        self.save()
+        pr.persist()  # after the downtime clock stopped: survives a host reboot from here
         t = self.rep.get("totals") or {}
         return f"{t.get('ready')} machines ready, downtime {self.rep.get('downtime_s')} s"
 

@@ -97,6 +97,7 @@ class MachineRun:
     state: str = "pending"
     error: str | None = None
     ready: threading.Event = field(default_factory=threading.Event)
+    xml: str = ""
 
     def phases(self) -> dict[str, float | None]:
         t = self.t
@@ -419,9 +420,9 @@ class PlanRun:
         try:
             self._record("domains", mr.domain)
             mr.console.parent.mkdir(parents=True, exist_ok=True)
-            virt.start_domain(
-                conn, self._domain_xml(mr), persistent=self.kind == "cutover", paused=True
-            )
+            mr.xml = self._domain_xml(mr)
+            # Transient even for a cutover: made persistent after readiness (persist()).
+            virt.start_domain(conn, mr.xml, paused=True)
         finally:
             conn.close()
 
@@ -575,6 +576,16 @@ class PlanRun:
             starts.shutdown(wait=True, cancel_futures=True)
             boots.shutdown(wait=True, cancel_futures=True)
             self._publish()
+
+    def persist(self) -> list[str]:
+        """Cutover targets: persistent and autostart, once every machine is ready."""
+        conn = virt.connect()
+        try:
+            for mr in self.machines.values():
+                virt.persist_domain(conn, mr.xml)
+        finally:
+            conn.close()
+        return [mr.domain for mr in self.machines.values()]
 
     def _watch_cancel(self) -> None:
         while not self._stop_watch.is_set():

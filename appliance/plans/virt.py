@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import secrets
 import time
+import uuid as uuid_mod
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,11 +105,13 @@ class DomainSpec:
     nics: list[NicSpec] = field(default_factory=list)
     cache: str = "unsafe"  # test runs: throw-away overlays; cutover passes "none"
     metadata: dict[str, str] = field(default_factory=dict)
+    uuid: str = field(default_factory=lambda: str(uuid_mod.uuid4()))  # define after create
 
 
 def domain_xml(s: DomainSpec) -> str:
     d = ET.Element("domain", type=s.domain_type)
     ET.SubElement(d, "name").text = s.name
+    ET.SubElement(d, "uuid").text = s.uuid
     ET.SubElement(d, "title").text = s.title
     md = ET.SubElement(d, "metadata")
     ET.SubElement(md, f"{{{METADATA_NS}}}run", {k: str(v) for k, v in s.metadata.items()})
@@ -231,6 +234,21 @@ def start_domain(conn: Any, xml: str, *, persistent: bool = False, paused: bool 
         raise RunError(
             f"libvirt could not start domain {name}: {e.get_error_message()}",
             hint="check libvirtd's log (/var/log/libvirt/qemu/) and the host's free memory",
+        ) from e
+
+
+def persist_domain(conn: Any, xml: str) -> None:
+    """Make a running transient domain persistent with autostart (same name and UUID).
+    Done after readiness: a define costs libvirt as much as a start on some hosts."""
+    name = ET.fromstring(xml).findtext("name")
+    try:
+        dom = conn.defineXML(xml)
+        dom.setAutostart(True)
+    except libvirt.libvirtError as e:
+        raise RunError(
+            f"libvirt could not make domain {name} persistent: {e.get_error_message()}",
+            hint=f"it runs but will not survive a host reboot: virsh dumpxml {name} > "
+            f"{name}.xml && virsh define {name}.xml && virsh autostart {name}",
         ) from e
 
 
