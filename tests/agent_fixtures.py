@@ -6,7 +6,8 @@ TCG with user-mode networking; its sshd is reached on a free 127.0.0.1 port (hos
 throw-away ed25519 key made for this session reaches the guest through qemu's fw_cfg, so no
 key lives in the image or the repository. A second, blank virtio disk becomes volume group
 ``vgdata`` with the LV ``data`` (ext4 on /srv/data, the filesystem that receives writes) and
-free extents for snapshots.
+free extents for snapshots. A third disk, /dev/vdc, holds ext4 without LVM on /srv/live
+(live-copy mode).
 
 Fixtures: ``agent_guest`` (session: the running guest, see ``AgentGuest``), ``agent_source``
 (a ``LinuxAgentSource`` pinned to the guest, replicating vgdata/data), ``agent_store`` (a
@@ -20,6 +21,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -34,8 +36,9 @@ from appliance.sources.agent.ssh import HostKey, scan_host_key
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOT_TIMEOUT_S = 420.0  # TCG boot of Debian: 30-60 s alone, minutes with other helpers busy
-DATA_LV_MIB = 192
+DATA_LV_MIB = 128  # hashing runs at ~12 MB/s inside the TCG guest: keep the LV small
 DATA_VG_DISK_MIB = 1024
+LIVE_DISK_MIB = 64  # /dev/vdc: ext4 on a plain disk, no LVM (live-copy mode)
 MARKER = re.compile(r"FERRYMAN-BOOT-OK")
 
 
@@ -84,6 +87,11 @@ class AgentGuest:
             ["qemu-img", "create", "-q", "-f", "qcow2", str(data), f"{DATA_VG_DISK_MIB}M"],
             check=True,
         )
+        live = self.work / "live.qcow2"
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", str(live), f"{LIVE_DISK_MIB}M"],
+            check=True,
+        )
         subprocess.run(
             [
                 "ssh-keygen",
@@ -119,6 +127,8 @@ class AgentGuest:
                 f"file={overlay},format=qcow2,if=virtio,cache=unsafe",
                 "-drive",
                 f"file={data},format=qcow2,if=virtio,cache=unsafe",
+                "-drive",
+                f"file={live},format=qcow2,if=virtio,cache=unsafe",
                 "-netdev",
                 f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.port}-:22",
                 "-device",
@@ -151,10 +161,12 @@ class AgentGuest:
             raise RuntimeError("sshd of agent-server did not answer")
         self.boot_seconds = time.monotonic() - t0
         self.host_key = scan_host_key("127.0.0.1", self.port)
+        mkfs = "mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0"  # no background writes
         self.ssh(
             "set -e; pvcreate -q /dev/vdb; vgcreate -q vgdata /dev/vdb; "
-            f"lvcreate -q -y -L {DATA_LV_MIB}M -n data vgdata; mkfs.ext4 -q /dev/vgdata/data; "
-            "mkdir -p /srv/data; mount /dev/vgdata/data /srv/data"
+            f"lvcreate -q -y -L {DATA_LV_MIB}M -n data vgdata; {mkfs} /dev/vgdata/data; "
+            "mkdir -p /srv/data; mount /dev/vgdata/data /srv/data; "
+            f"{mkfs} /dev/vdc; mkdir -p /srv/live; mount /dev/vdc /srv/live"
         )
 
     def _ssh_raw(
@@ -215,6 +227,15 @@ class AgentGuest:
             "ps -eo pid,args | grep -E 'ferryman_agent|nbdkit|qemu-nbd' | grep -v grep || true"
         )
         return [ln.strip() for ln in out.splitlines() if ln.strip()]
+
+    def pause(self) -> None:
+        """The server stops answering (the link is down): qemu is stopped with SIGSTOP."""
+        assert self.proc is not None, "pause needs a guest this session started"
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

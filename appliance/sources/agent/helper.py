@@ -20,7 +20,8 @@ and ``serve`` (the NBD protocol):
     status SNAP...                 size, snapshot usage, valid/invalid per snapshot
     remove SNAP...                 remove snapshots (lvremove -f)
     cleanup TAG                    remove every snapshot carrying LVM tag TAG (left-overs)
-    prepare TAG                    check, cleanup TAG and inventory in one call
+    prepare TAG                    check, left-over snapshots (TAG), stale helper dirs removed,
+                                   inventory: one call
     size DEV                       device size in bytes
     hash DEV BLOCK [-]             8-byte big-endian size, then sha256 of every block (or of
                                    the block numbers given on stdin)
@@ -49,6 +50,7 @@ FREEZE_TIMEOUT_S = 60  # an lvcreate (suspend, freeze, resume) that takes longer
 LVM_NO_BACKUP = "backup { backup = 0 archive = 0 }"
 READ_CHUNK = 1 << 20
 SNAP_NAME = re.compile(r"_fm[0-9a-f]{10}$")  # how the appliance names snapshots
+HELPER_DIR = re.compile(r"^ferryman-agent\.[A-Za-z0-9]{8}$")  # how it names helper dirs
 
 
 def _run(
@@ -444,9 +446,52 @@ def cleanup(tag: str) -> List[Dict[str, Any]]:
     return out
 
 
+def leftovers(tag: str) -> List[Dict[str, Any]]:
+    """Snapshots of an earlier session that could not remove them (link down, appliance
+    crash): the appliance resumes from them or removes them."""
+    rows = _lvm_json(["lvs", "-o", "vg_name,lv_name,origin,lv_time", "@" + tag])
+    out = []
+    for r in rows:
+        full = "{}/{}".format(r["vg_name"], r["lv_name"])
+        m = SNAP_NAME.search(r["lv_name"])
+        st = _snap_state(full)
+        out.append(
+            {
+                "snapshot": full,
+                "origin": "{}/{}".format(r["vg_name"], r["origin"]) if r.get("origin") else "",
+                "sid": m.group(0)[3:] if m else "",
+                "path": _lv_path(full),
+                "invalid": bool(st.get("invalid")),
+                "used_percent": st.get("used_percent", 0.0),
+                "created": r.get("lv_time", ""),
+            }
+        )
+    return out
+
+
+def _stale_helpers() -> List[str]:
+    """Helper directories of earlier sessions (never this one's)."""
+    mine = os.path.dirname(os.path.abspath(__file__))
+    out = []
+    for name in os.listdir("/tmp"):
+        p = os.path.join("/tmp", name)
+        if HELPER_DIR.match(name) and p != mine and os.path.isdir(p):
+            shutil.rmtree(p, ignore_errors=True)
+            out.append(p)
+    return out
+
+
 def cmd_prepare(args: List[str]) -> None:
-    """check + cleanup TAG + inventory in one call: each python start costs on slow servers."""
-    _out({"check": check(), "removed": cleanup(args[0]), "inventory": inventory()})
+    """check, left-over snapshots, stale helper files and inventory in one call: each
+    python start costs seconds on a slow server."""
+    _out(
+        {
+            "check": check(),
+            "leftovers": leftovers(args[0]),
+            "stale_helpers": _stale_helpers(),
+            "inventory": inventory(),
+        }
+    )
 
 
 def cmd_size(args: List[str]) -> None:

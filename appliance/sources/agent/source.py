@@ -62,6 +62,7 @@ DEFAULT_SNAPSHOT_SIZE = "20%ORIGIN"  # copy-on-write room: writes during one syn
 WATCH_INTERVAL_S = 3.0  # how often a running sync checks its snapshots' fill level
 HASH_TIMEOUT_S = 6 * 3600.0  # reading a large disk on a slow server takes long
 KEEP_MANIFESTS = 3  # per disk in the adapter's own cache
+REUSE_MAX_USED = 50.0  # % of a left-over snapshot's room used: fuller ones are not resumed
 UNKNOWN_HASH = b"\xff" * 32  # live mode: copied, content unknown; never equals a sha256
 SERVERS = ("auto", "nbdkit", "qemu-nbd", "builtin")
 
@@ -219,6 +220,7 @@ class AgentSession:
         self.freeze: dict[str, Any] = {}
         self.notes: list[str] = []
         self.timings: dict[str, float] = {}  # seconds per step of open_session
+        self.resumed_snapshot = False  # True: snapshots of an interrupted earlier session
         self.forwarders: list[NbdForwarder] = []
         self._released = False
         self._failure: AgentError | None = None
@@ -578,13 +580,28 @@ class LinuxAgentSource:
                 hint="the address now leads to another server: fix the source's host",
             )
         s.machine_id = info["machine_id"]
-        for r in prep["removed"]:
-            log.warning("removed left-over snapshot %s on %s", r["snapshot"], self.host)
         machine = self._machine(prep["inventory"])
         sid = uuid.uuid4().hex[:10]
         lvs = [d for d in machine.disks if d.details["mode"] == "snapshot"]
         snaps: dict[str, dict[str, Any]] = {}
-        if lvs:
+        left: list[dict[str, Any]] = prep["leftovers"]
+        reuse = self._reusable(left, lvs, s.machine_id, previous_token)
+        if reuse is not None:
+            # An earlier session of this machine copied part of these snapshots and could
+            # not remove them (link down, appliance crash): same snapshot, same identity,
+            # so the engine resumes its journal instead of copying again.
+            sid = reuse
+            snaps = {x["origin"]: x for x in left}
+            s.snapshots = [x["snapshot"] for x in left]
+            s.resumed_snapshot = True
+            log.warning("%s: resuming from the snapshots of session %s", self.host, sid)
+        elif left:
+            out = s.helper.call("remove", *[x["snapshot"] for x in left], timeout=120)
+            for r in out["removed"]:
+                log.warning("removed left-over snapshot %s on %s", r["snapshot"], self.host)
+        for p in prep["stale_helpers"]:
+            log.warning("removed a stale helper directory %s on %s", p, self.host)
+        if lvs and reuse is None:
             pairs = [
                 f"{d.details['origin']}:{d.details['origin'].split('/')[1]}_fm{sid}" for d in lvs
             ]
@@ -667,6 +684,30 @@ class LinuxAgentSource:
             s.disks.append(export)
         s.full = all_full
         s.reason = "; ".join(reasons)
+
+    def _reusable(
+        self,
+        left: list[dict[str, Any]],
+        lvs: list[DiskInfo],
+        machine_id: str,
+        previous_token: dict[str, Any] | None,
+    ) -> str | None:
+        """The session id whose left-over snapshots can be resumed, or None: exactly one
+        valid snapshot per replicated LV, all of one earlier session that did not end in a
+        restore point, none more than REUSE_MAX_USED full."""
+        if not lvs or not left:
+            return None
+        sids = {x["sid"] for x in left}
+        if len(sids) != 1 or "" in sids:
+            return None
+        sid = sids.pop()
+        if (previous_token or {}).get("snapshot_id") == f"agent-{machine_id[:12]}-{sid}":
+            return None  # that snapshot already is the last restore point
+        if sorted(x["origin"] for x in left) != sorted(d.details["origin"] for d in lvs):
+            return None
+        if any(x["invalid"] or x["used_percent"] >= REUSE_MAX_USED for x in left):
+            return None
+        return str(sid)
 
     # -- manifests of the last points -------------------------------------------------------
 

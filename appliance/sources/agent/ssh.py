@@ -89,11 +89,20 @@ class HostKey:
         return self.type
 
 
-def scan_host_key(host: str, port: int = 22, timeout: float = 10.0) -> HostKey:
+def scan_host_key(host: str, port: int = 22, timeout: float = 30.0) -> HostKey:
     """What the server presents now, for the operator to confirm at first contact."""
     try:
         r = subprocess.run(
-            ["ssh-keyscan", "-T", str(int(timeout)), "-p", str(port), host],
+            [
+                "ssh-keyscan",
+                "-T",
+                str(int(timeout)),
+                "-p",
+                str(port),
+                "-t",
+                "ed25519,ecdsa,rsa",
+                host,
+            ],
             capture_output=True,
             text=True,
             timeout=timeout + 10,
