@@ -146,6 +146,10 @@ def serve(args: argparse.Namespace) -> int:
     from store.db import check_dir
 
     check_dir(db_path)
+    # libvirt's qemu user creates backup sockets below the run directory: it must be able
+    # to traverse it (the API socket itself is 0660 root:ferryman).
+    p.run_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(p.run_dir, 0o755)
     lock = _lock(p.lock)
     db = open_store(db_path)  # refuses damaged / newer stores before any write
     _claim_socket(sock)

@@ -1,0 +1,224 @@
+"""The built-in lab: a libvirt guest that looks like a VMware VM and keeps writing.
+
+It is what ``scripts/demo`` migrates when there is no vCenter: the cached "vmware-like" Debian
+12 test guest (root on /dev/sda1, no virtio drivers, open-vm-tools) plus a unit that writes
+1 MiB every 2 seconds into a 64 MiB ring of files, so every sync has changes to carry. The
+guest runs as a TCG domain on SATA, exactly what conversion must fix before it boots on
+virtio.
+
+Everything the lab creates carries the ``ferryman-lab`` prefix, so ``reset`` removes exactly
+that: domains, networks, overlays and the lab's rows, never anything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from appliance.config import paths
+from appliance.errors import FerrymanError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "ferryman-lab"
+DOMAIN = f"{PREFIX}-web01"
+SOURCE = "lab"
+PLAN = "lab"
+ROOT = Path(__file__).resolve().parents[1]
+BUILD_GUEST = ROOT / "images" / "guests" / "build"
+MEMORY_MIB = 768  # enough for Debian 12 with systemd; TCG guests are memory-light
+
+WRITER_SCRIPT = """#!/bin/sh
+# Ferryman lab: keep writing, like a busy server. 1 MiB every 2 s over a 64 MiB ring.
+mkdir -p /var/lib/lab
+i=0
+while true; do
+    dd if=/dev/urandom of=/var/lib/lab/data-$((i % 64)).bin bs=1M count=1 conv=fsync \\
+        status=none
+    echo "$(date -u +%FT%TZ) wrote data-$((i % 64)).bin" > /var/lib/lab/last-write
+    i=$((i + 1))
+    sleep 2
+done
+"""
+WRITER_UNIT = """[Unit]
+Description=Ferryman lab: a workload that keeps writing to disk
+After=local-fs.target
+
+[Service]
+ExecStart=/usr/local/sbin/ferryman-lab-writer
+Restart=always
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+class LabError(FerrymanError):
+    code = "lab"
+
+
+def lab_dir() -> Path:
+    """The lab VM's disk and console log. libvirt's qemu user must reach it, so it is not
+    under a private temporary directory."""
+    return Path(os.environ.get("FERRYMAN_LAB_DIR", "/var/lib/ferryman-lab"))
+
+
+def _run(argv: list[str], what: str, timeout: float = 1800) -> str:
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise LabError(
+            f"{what} failed: {(r.stderr or r.stdout).strip()[-300:]}",
+            hint="see the output above; run scripts/demo again once fixed",
+        )
+    return r.stdout
+
+
+def base_image() -> Path:
+    """The lab's read-only base: vmware-like + the writer, cached beside the test guests."""
+    guest = Path(
+        _run([str(BUILD_GUEST), "vmware-like"], "building the vmware-like guest")
+        .strip()
+        .splitlines()[-1]
+    )
+    key = hashlib.sha256((guest.name + WRITER_SCRIPT + WRITER_UNIT).encode()).hexdigest()[:16]
+    cache = paths().cache_dir / "lab"
+    out = cache / f"web01-{key}.qcow2"
+    if out.exists():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    _run(["qemu-img", "convert", "-O", "qcow2", str(guest), str(tmp)], "copying the guest")
+    _inject_writer(tmp)
+    os.chmod(tmp, 0o444)
+    os.replace(tmp, out)
+    return out
+
+
+def _inject_writer(image: Path) -> None:
+    import guestfs
+
+    g = guestfs.GuestFS(python_return_dict=True)
+    if "LIBGUESTFS_BACKEND_SETTINGS" not in os.environ:
+        # No probe verdict in this process: TCG is slow but never hangs (nested KVM can).
+        g.set_backend_settings(["force_tcg"])
+    try:
+        g.add_drive_opts(str(image), format="qcow2", readonly=0)
+        g.launch()
+        roots = g.inspect_os()
+        if not roots:
+            raise LabError(
+                f"no operating system found in {image}", hint="remove the image cache and run again"
+            )
+        g.mount(roots[0], "/")
+        g.write("/usr/local/sbin/ferryman-lab-writer", WRITER_SCRIPT)
+        g.chmod(0o755, "/usr/local/sbin/ferryman-lab-writer")
+        g.write("/etc/systemd/system/ferryman-lab-writer.service", WRITER_UNIT)
+        g.ln_sf(
+            "/etc/systemd/system/ferryman-lab-writer.service",
+            "/etc/systemd/system/multi-user.target.wants/ferryman-lab-writer.service",
+        )
+        g.write("/etc/hostname", "web01\n")
+        g.umount_all()
+        g.shutdown()
+    finally:
+        g.close()
+
+
+def domain_xml(disk: Path, console_log: Path, domain_type: str) -> str:
+    """The lab VM as VMware would run it: SATA disk, BIOS, no NIC (it needs none to write)."""
+    from appliance.plans.virt import DomainSpec
+    from appliance.plans.virt import domain_xml as xml
+
+    spec = DomainSpec(
+        name=DOMAIN,
+        title="Ferryman lab: web01 (vmware-like, writes 1 MiB/2 s)",
+        memory_mib=MEMORY_MIB,
+        cpus=1,
+        disks=[disk],
+        console_log=console_log,
+        domain_type=domain_type,
+        disk_bus="sata",
+        cache="none",
+    )
+    return xml(spec)
+
+
+def _conn() -> Any:
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+    return libvirt.open("qemu:///system")
+
+
+def start_vm(domain_type: str = "qemu") -> dict[str, Any]:
+    """Create the lab VM's disk (an overlay on the base) and start it, unless it runs."""
+    import libvirt
+
+    conn = _conn()
+    try:
+        try:
+            dom = conn.lookupByName(DOMAIN)
+            if dom.isActive():
+                return {"domain": DOMAIN, "started": False}
+            dom.create()
+            return {"domain": DOMAIN, "started": True}
+        except libvirt.libvirtError:
+            pass
+        base = base_image()
+        d = lab_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o755)
+        disk = d / "web01.qcow2"
+        disk.unlink(missing_ok=True)
+        _run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(disk)],
+            "creating the lab disk",
+        )
+        dom = conn.defineXML(domain_xml(disk, d / "web01.console.log", domain_type))
+        dom.create()
+        return {"domain": DOMAIN, "started": True, "disk": str(disk)}
+    finally:
+        conn.close()
+
+
+def console_log() -> Path:
+    return lab_dir() / "web01.console.log"
+
+
+def reset() -> list[str]:
+    """Remove every domain and network whose name starts with the lab prefix, and the lab's
+    disk. The caller removes the lab's source, plan and machine rows through the API."""
+    import libvirt
+
+    done: list[str] = []
+    conn = _conn()
+    try:
+        for dom in conn.listAllDomains():
+            if dom.name().startswith(PREFIX):
+                if dom.isActive():
+                    dom.destroy()
+                flags = getattr(libvirt, "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA", 0) | getattr(
+                    libvirt, "VIR_DOMAIN_UNDEFINE_NVRAM", 0
+                )
+                dom.undefineFlags(flags)
+                done.append(f"domain {dom.name()}")
+        for net in conn.listAllNetworks():
+            if net.name().startswith(PREFIX):
+                if net.isActive():
+                    net.destroy()
+                net.undefine()
+                done.append(f"network {net.name()}")
+    finally:
+        conn.close()
+    d = lab_dir()
+    if d.exists():
+        for f in d.iterdir():
+            f.unlink()
+            done.append(f"file {f.name}")
+        d.rmdir()
+    return done
