@@ -25,6 +25,8 @@ inroot useradd --create-home --uid 1001 --shell /usr/local/bin/ferryman-console 
     --groups ferryman,ferryman-operator --comment "Ferryman operator (TUI only)" op
 inroot useradd --create-home --uid 1002 --shell /bin/bash \
     --groups sudo,ferryman,ferryman-admin,libvirt,adm,systemd-journal --comment "Ferryman maintenance" admin
+# The operator sees the TUI, not Debian's legal notice and last-login line.
+touch "$root/home/op/.hushlogin"
 # No password until first boot sets one ('*': no password login, but not "locked" for sshd keys).
 inroot usermod -p '*' op
 inroot usermod -p '*' admin
