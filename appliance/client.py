@@ -149,8 +149,9 @@ class Client:
     def test_source(self, name: str) -> dict[str, Any]:
         return dict(self._call("POST", f"/v1/sources/{name}/test"))
 
-    def remove_source(self, name: str) -> dict[str, Any]:
-        return dict(self._call("DELETE", f"/v1/sources/{name}"))
+    def remove_source(self, name: str, *, purge: bool = False) -> dict[str, Any]:
+        """purge: also delete the restore points of its machines from the volume store."""
+        return dict(self._call("DELETE", f"/v1/sources/{name}", params={"purge": purge}))
 
     def discover(self, source: str) -> dict[str, Any]:
         return dict(self._call("POST", f"/v1/sources/{source}/discover"))
@@ -324,3 +325,35 @@ class Client:
                     hint=f"follow it with: ferryman testrun show {run_id}",
                 )
             time.sleep(1.0)
+
+    def cutover(self, plan: str, *, step: str, confirm: str) -> dict[str, Any]:
+        """The TUI's entry: run ``step`` of the open cutover of ``plan`` ("start" opens one).
+        ``confirm`` is what the operator typed: it must be the plan's name."""
+        if confirm != plan:
+            raise FerrymanError(
+                f"the confirmation '{confirm}' does not match plan '{plan}'",
+                hint="type the plan's name to confirm a cutover step",
+            )
+        if step in ("start", "preflight"):
+            return self.cutover_start(plan)
+        return self.cutover_confirm(self._open_cutover(plan), step)
+
+    def cutover_rollback(self, plan: str, step: str | None = None) -> dict[str, Any]:
+        """Roll back the open cutover of ``plan`` (``step``: the step the operator saw)."""
+        run_id = self._open_cutover(plan)
+        if step is not None:
+            now_at = self.cutover_status(run_id)["step"]
+            if now_at != step:
+                raise Conflict(
+                    f"cutover {run_id} of plan '{plan}' is at '{now_at}', not '{step}'",
+                    hint="refresh the screen and decide again",
+                )
+        return self.cutover_rollback_run(run_id)
+
+    def _open_cutover(self, plan: str) -> int:
+        for r in self.cutovers(plan):
+            if r["state"] not in ("committed", "rolled-back"):
+                return int(r["id"])
+        raise NotFound(
+            f"no open cutover of plan '{plan}'", hint=f"start one: ferryman cutover start {plan}"
+        )

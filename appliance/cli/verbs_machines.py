@@ -123,8 +123,9 @@ def source_test(args: argparse.Namespace) -> Output:
 
 def source_remove(args: argparse.Namespace) -> Output:
     with Client() as c:
-        r = c.remove_source(args.name)
-    return Output(r, f"source {r['removed']} removed")
+        r = c.remove_source(args.name, purge=args.purge)
+    gone = f"; deleted {len(r['purged'])} restore-point directories" if r["purged"] else ""
+    return Output(r, f"source {r['removed']} removed{gone}")
 
 
 def _maybe_wait(c: Client, job: dict[str, Any], wait: bool, what: str) -> Output:
@@ -315,6 +316,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("name")
     p = verb("remove", source_remove, "remove a source and its unprotected machines", ssub)
     p.add_argument("name")
+    p.add_argument(
+        "--purge",
+        action="store_true",
+        help="also delete its machines' restore points from the volume store",
+    )
 
     p = verb("discover", discover, "list the machines of a source into the store")
     p.add_argument("source")

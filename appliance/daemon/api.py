@@ -6,6 +6,7 @@ Errors leave as ``{"code", "message", "hint"}`` with the status of the FerrymanE
 
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -181,11 +182,24 @@ def create_app(state: DaemonState) -> FastAPI:
         return {"ok": True, "source": name}
 
     @app.delete("/v1/sources/{name}")
-    def remove_source(name: str, request: Request) -> dict[str, Any]:
+    def remove_source(name: str, request: Request, purge: bool = False) -> dict[str, Any]:
         who, origin = _who(request, "admin", "remove sources")
-        src = inventory.delete_source(state.db, name)
-        state.audit(who, origin, "source.remove", {"name": name}, "ok")
-        return {"removed": src["name"]}
+        src = inventory.source_row(state.db, name)
+        ids = [
+            r[0] for r in state.db.execute("SELECT id FROM machines WHERE source_id=?", [src["id"]])
+        ]
+        inventory.delete_source(state.db, name)
+        purged = []
+        if purge:
+            from appliance.replication import machine_dir
+
+            for mid in ids:
+                d = machine_dir(mid)
+                if d.exists():
+                    shutil.rmtree(d)
+                    purged.append(str(d))
+        state.audit(who, origin, "source.remove", {"name": name, "purge": purge}, "ok")
+        return {"removed": src["name"], "purged": purged}
 
     @app.post("/v1/sources/{name}/discover", status_code=202)
     def discover(name: str, request: Request) -> dict[str, Any]:
