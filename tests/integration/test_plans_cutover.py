@@ -113,9 +113,13 @@ def test_cutover_steps_commit_and_rollback(fm_env: Env, source: NbdExport) -> No
             assert st["next"] == "last-delta"
             assert st["report"]["sources"]["web01"]["action"] == "manual"
             assert c.machine("web01")["rpo_seconds"] is None
-            c.cutover_confirm(rid, "last-delta")
+            # The TUI's calls: by plan name, confirmed by typing it.
+            with pytest.raises(FerrymanError) as e:
+                c.cutover("back", step="last-delta", confirm="bak")
+            assert "does not match plan 'back'" in str(e.value)
+            c.cutover("back", step="last-delta", confirm="back")
             assert settle(c, rid)["next"] == "seal"
-            c.cutover_rollback_run(rid)
+            c.cutover_rollback("back", step="last-delta")
             st = settle(c, rid)
             assert st["state"] == "rolled-back", st
             assert "start the source by hand" in st["report"]["steps"][-1]["detail"]
