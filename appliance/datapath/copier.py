@@ -45,8 +45,8 @@ from appliance.units import MiB
 
 log = logging.getLogger(__name__)
 
-REQUEST_SIZE = 1 * MiB  # measured here: 1 MiB x 16 in flight beat larger requests into qcow2
-MAX_IN_FLIGHT = 16
+REQUEST_SIZE = 1 * MiB  # measured here: 1 MiB beat 256 KiB, 2, 4 and 8 MiB requests into qcow2
+MAX_IN_FLIGHT = 32  # measured here: 32-64 x 1 MiB beat 16 into qcow2 behind qemu-nbd
 FLUSH_EVERY = 256 * MiB  # bytes written between journal flushes: bounds re-copy after a crash
 FLUSH_INTERVAL_S = 10.0  # ... and at most this long between them on a slow link
 # errno values that no retry will fix: a bug or a request the server can never serve.

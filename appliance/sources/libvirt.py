@@ -376,6 +376,64 @@ class LibvirtSource:
                     "check the VM's disks and libvirtd's log",
                 ) from e2
 
+    def reattach(self, machine_ref: str, snapshot_id: str) -> LibvirtSession | None:
+        """After a daemon crash: the backup job of ``snapshot_id`` (our checkpoint name) may
+        still run in libvirtd. Reattach to it so the sync resumes from its journal; None when
+        that job is gone (then the sync restarts from the last restore point)."""
+        dom = self._dom(machine_ref)
+        try:
+            if dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE:
+                return None
+            bxml = ET.fromstring(dom.backupGetXMLDesc(0))
+            names = self._checkpoints(dom)
+        except libvirt.libvirtError:
+            return None
+        if snapshot_id not in names or bxml.get("mode") != "pull":
+            return None
+        # The job's checkpoint is the newest: nothing was created after it.
+        try:
+            cur = dom.checkpointLookupByName(snapshot_id)
+            if cur.listAllChildren(0):
+                return None
+        except libvirt.libvirtError:
+            return None
+        server = bxml.find("server")
+        if server is None or not server.get("socket"):
+            return None
+        sock = Path(server.get("socket", ""))
+        incremental = _text(bxml.find("incremental")) or None
+        disks = []
+        scratch = []
+        for d in bxml.findall("./disks/disk"):
+            if d.get("backup") != "yes":
+                continue
+            t = d.get("name", "")
+            sc = d.find("scratch")
+            if sc is not None and sc.get("file"):
+                scratch.append(Path(sc.get("file", "")))
+            size = int(dom.blockInfo(t)[0])
+            disks.append(
+                LibvirtDiskExport(
+                    disk=DiskInfo(key=t, size=size, label=t),
+                    nbd_uri=f"nbd+unix:///{t}?socket={sock}",
+                    mode="dirty" if incremental else "full",
+                    target=t,
+                )
+            )
+        if not disks or not sock.exists():
+            return None
+        return LibvirtSession(
+            snapshot_id=snapshot_id,
+            disks=disks,
+            full=incremental is None,
+            reason="reattached to the running backup job",
+            consistency=Consistency.CRASH_CONSISTENT,
+            dom=dom,
+            socket=sock,
+            scratch=scratch,
+            checkpoint=snapshot_id,
+        )
+
     def _freeze(self, dom: Any) -> bool:
         if not self.quiesce:
             return False

@@ -109,3 +109,51 @@ def test_libvirt_failure_always_ends_the_job(tiny_guest, make_chain, dp_sock_dir
     s2.release()
     s1.release()
     assert g.dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
+
+
+def test_libvirt_daemon_crash_reattaches_and_resumes(tiny_guest, make_chain, dp_sock_dir):
+    """The engine dies mid-sync (its session object is lost, the backup job keeps running in
+    libvirtd); a new adapter reattaches to the same snapshot and resumes from the journal."""
+    import threading
+
+    from appliance.datapath.throttle import Throttle
+    from appliance.errors import Cancelled
+    from tests.datapath_fixtures import RecordingJournal
+
+    g = tiny_guest(64 * MiB, [(16 * MiB, 32 * MiB, 5)])
+    g.wait_ready()
+    chain = make_chain("vda")
+    journal = RecordingJournal()
+    s1 = LibvirtSource("qemu:///system", run_dir=dp_sock_dir / "backup").open_session(g.uuid, None)
+    cancel = threading.Event()
+    threading.Timer(1.0, cancel.set).start()
+    with pytest.raises(Cancelled):
+        sync_session(
+            s1,
+            {"vda": chain},
+            point_name="p1",
+            socket_dir=dp_sock_dir,
+            journal=journal,
+            cancel=cancel,
+            throttle=Throttle(8 * MiB),
+            flush_interval=0.2,
+        )
+    done = journal.ranges("vda")
+    assert done
+    # "Restart": a fresh adapter, the old session object forgotten (not released).
+    src2 = LibvirtSource("qemu:///system", run_dir=dp_sock_dir / "backup")
+    assert src2.reattach(g.uuid, "ferryman-not-this-one") is None
+    s2 = src2.reattach(g.uuid, s1.snapshot_id)
+    assert s2 is not None and s2.snapshot_id == s1.snapshot_id and s2.full
+    try:
+        res = sync_session(
+            s2, {"vda": chain}, point_name="p1", socket_dir=dp_sock_dir, resume_from={"vda": done}
+        )
+        served = hash_export(s2.disks[0].nbd_uri)
+    finally:
+        s2.release()
+    assert res[0].resumed and res[0].stats.bytes_skipped_resume > 0
+    assert _point_hash(chain, "p1", dp_sock_dir).digest() == served.digest()
+    assert check_ok(chain.path_of("p1")) in (0, 3)
+    assert g.dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
+    assert src2.reattach(g.uuid, s1.snapshot_id) is None  # job over: nothing to reattach
