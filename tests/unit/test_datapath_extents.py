@@ -21,13 +21,18 @@ def test_combine_intersects_dirty_with_allocation():
 def test_combine_without_bitmap_covers_everything():
     alloc = [(0, 1 * MiB, 0), (1 * MiB, 3 * MiB, ex.STATE_ZERO)]
     assert list(ex._combine(0, 3 * MiB, alloc, None)) == [
-        Extent(0, MiB, False), Extent(MiB, 2 * MiB, True)]
+        Extent(0, MiB, False),
+        Extent(MiB, 2 * MiB, True),
+    ]
 
 
 def test_subtract_done_ranges():
     exts = [Extent(0, 10, False), Extent(20, 10, True)]
     assert ex.subtract(exts, [(2, 3), (8, 15), (25, 100)]) == [
-        Extent(0, 2, False), Extent(5, 3, False), Extent(23, 2, True)]
+        Extent(0, 2, False),
+        Extent(5, 3, False),
+        Extent(23, 2, True),
+    ]
     assert ex.subtract(exts, []) == exts
     assert ex.subtract(exts, [(0, 100)]) == []
 
@@ -50,7 +55,9 @@ def test_snap_to_blocks_widens_partial_blocks():
 def test_coalesce_and_merge():
     assert ex.coalesce_ranges([(10, 5), (0, 10), (20, 1), (15, 0)]) == [(0, 15), (20, 1)]
     assert ex.merge([Extent(5, 5, True), Extent(0, 5, True), Extent(10, 5, False)]) == [
-        Extent(0, 10, True), Extent(10, 5, False)]
+        Extent(0, 10, True),
+        Extent(10, 5, False),
+    ]
 
 
 class FakeClock:
