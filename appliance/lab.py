@@ -199,7 +199,10 @@ def reset() -> list[str]:
     conn = _conn()
     try:
         for dom in conn.listAllDomains():
-            if dom.name().startswith(PREFIX):
+            # The lab VM, and the domains cutovers of it booted (fm-<store>-c<run>-<machine>).
+            if dom.name().startswith(PREFIX) or (
+                dom.name().startswith("fm-") and dom.name().endswith(f"-{DOMAIN}")
+            ):
                 if dom.isActive():
                     dom.destroy()
                 flags = getattr(libvirt, "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA", 0) | getattr(
