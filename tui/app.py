@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterable
 from functools import partial
 from importlib import import_module
@@ -46,6 +47,7 @@ FERRYMAN_THEME = Theme(
     error="#ff5f5f",
     dark=True,
 )
+GIL_SWITCH_S = 0.001
 MONO_TERMS = ("linux", "vt100", "vt102", "vt220", "ansi", "dumb")
 
 
@@ -78,6 +80,9 @@ class FerrymanApp(App[None]):
         self.identity: dict[str, str] = {}  # user, role, origin as the daemon sees us
 
     def on_mount(self) -> None:
+        # Worker threads decode the daemon's JSON holding the GIL; hand it back to the event
+        # loop every 1 ms instead of 5 so keys and repaints do not wait behind a refresh.
+        sys.setswitchinterval(GIL_SWITCH_S)
         self.register_theme(FERRYMAN_THEME)
         term = os.environ.get("TERM", "")
         self.theme = os.environ.get("FERRYMAN_THEME") or (

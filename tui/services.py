@@ -3,8 +3,8 @@ the store and the clock.
 
 Actions go through appliance.client only (the one client library). Displays may read the
 store read-only (WAL: never blocks the daemon). Both are blocking: call them from thread
-workers only. One client and one store connection per thread (sqlite3 objects and HTTP
-connection pools are not shared across threads).
+workers only. One store connection per thread (sqlite3 objects are not shared across
+threads); one client for all (see Services.client).
 
 Plans, test runs and cutover come from the daemon's plan API (issue 6). The store is read
 only for the sparklines' sync history, which an operator account may not be allowed to read.
@@ -16,7 +16,8 @@ import logging
 import socket
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,6 +58,8 @@ class Services:
     refresh_s: float = REFRESH_S
     user: str | None = None
     _local: threading.local = field(default_factory=threading.local, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _client: Client | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.db_path = self.db_path or paths().db
@@ -64,18 +67,25 @@ class Services:
 
     @property
     def client(self) -> Client:
-        c = getattr(self._local, "client", None)
-        if c is None:
-            c = self._local.client = Client(self.socket_path, user=self.user)
-        return c
+        """One client for every worker thread. Textual starts a new thread per worker, and
+        building a client costs ~30-180 ms of CPU (httpx loads the CA bundle into an SSL
+        context, holding the GIL): one per refresh was the TUI's main source of loop lag.
+        httpx's connection pool is thread-safe."""
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = Client(self.socket_path, user=self.user)
+        return self._client
 
-    @property
-    def store(self) -> Database:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            assert self.db_path is not None
-            db = self._local.db = open_readonly(self.db_path)
-        return db
+    @contextmanager
+    def store(self) -> Iterator[Database]:
+        """A read-only connection for this call only (worker threads are not reused)."""
+        assert self.db_path is not None
+        db = open_readonly(self.db_path)
+        try:
+            yield db
+        finally:
+            db.conn.close()
 
     def now(self) -> datetime:
         return self.clock()
@@ -96,18 +106,23 @@ class Services:
             return {}
 
     def _throughput_history(self, limit_per_machine: int) -> dict[int, list[float]]:
-        rows = self.store.execute(
+        with self.store() as db:
+            rows = self._history_rows(db, limit_per_machine)
+        out: dict[int, list[float]] = {}
+        for mid, nbytes, start, end in rows:
+            secs = (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+            out.setdefault(mid, []).append(nbytes / secs if secs > 0 else 0.0)
+        return out
+
+    @staticmethod
+    def _history_rows(db: Database, limit_per_machine: int) -> list[Any]:
+        return db.execute(
             "SELECT machine_id, bytes_read, started_at, ended_at FROM ("
             " SELECT *, row_number() OVER (PARTITION BY machine_id ORDER BY id DESC) AS n"
             " FROM sync_sessions WHERE state='sealed' AND ended_at IS NOT NULL)"
             " WHERE n <= ? ORDER BY machine_id, id",
             [limit_per_machine],
         ).fetchall()
-        out: dict[int, list[float]] = {}
-        for mid, nbytes, start, end in rows:
-            secs = (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
-            out.setdefault(mid, []).append(nbytes / secs if secs > 0 else 0.0)
-        return out
 
     # -- plans, test runs, cutover: through the client (issue 6's API) -------------------
 

@@ -26,14 +26,21 @@ from tui.screens.base import FerrymanScreen
 from tui.widgets.dashboard.machine_table import WIDE, MachineTable, alerts, row_cells
 
 TREND_SAMPLES = 30  # live rate samples kept per machine (one per refresh)
+# The whole machine list (500 machines: ~400 KB of JSON, decoded holding the GIL) every 10th
+# tick and whenever a job starts or ends; active jobs and events every tick.
+FULL_EVERY = 10
 AGE_REFRESH_S = 10  # ages past a minute are shown in minutes: 10 s granularity is enough
 EVENTS_SHOWN = 30
 
 
-def _key(m: dict[str, Any]) -> tuple[Any, ...]:
+def _key(m: dict[str, Any], progress: bool = True) -> tuple[Any, ...]:
     """What the row shows of a machine; the daemon's own age_s/rpo_status (real clock,
-    different on every call) are left out: the screen computes them with its clock."""
+    different on every call) are left out: the screen computes them with its clock. The
+    summary line does not show progress, so its key leaves that out too."""
     rp = m.get("newest_rp") or {}
+    job = m.get("active_job")
+    if job and not progress:
+        job = (job.get("id"), job.get("state"))
     return (
         m.get("protected"),
         m.get("rpo_seconds"),
@@ -41,7 +48,7 @@ def _key(m: dict[str, Any]) -> tuple[Any, ...]:
         m.get("cutover_done"),
         m.get("failed_syncs"),
         rp.get("source_time"),
-        m.get("active_job"),
+        job,
         m.get("guest_os"),
         m.get("source"),
     )
@@ -59,11 +66,11 @@ class DashboardScreen(FerrymanScreen):
 
     @dataclass
     class Loaded(Message):
-        health: dict[str, Any]
-        machines: list[dict[str, Any]]
+        health: dict[str, Any] | None  # None: a light tick (jobs and events only)
+        machines: list[dict[str, Any]] | None
         jobs: list[dict[str, Any]]
         events: list[dict[str, Any]]
-        history: dict[int, list[float]]
+        history: dict[int, list[float]] | None
 
     def __init__(self) -> None:
         super().__init__()
@@ -71,8 +78,12 @@ class DashboardScreen(FerrymanScreen):
         self.machines: list[dict[str, Any]] = []
         self._history_seeded: set[str] = set()
         self._cells: dict[str, tuple[Any, tuple[str, ...]]] = {}
+        self.all: list[dict[str, Any]] = []  # every machine, as of the last full load
+        self.health: dict[str, Any] = {}
+        self._ticks = 0
+        self._need_full = True
         self._summary_key: Any = None
-        self._lists: Any = None
+        self._lists: tuple[Any, Any] = (None, None)
 
     def compose_body(self) -> ComposeResult:
         yield Static("connecting to ferrymand…", id="summary")
@@ -86,7 +97,10 @@ class DashboardScreen(FerrymanScreen):
                 yield DataTable(id="events", cursor_type="row", show_header=False)
 
     def on_mount(self) -> None:
-        self.query_one("#jobs", DataTable).add_columns("ID", "KIND", "MACHINE", "STATE")
+        jobs = self.query_one("#jobs", DataTable)
+        for label in ("ID", "KIND", "MACHINE"):
+            jobs.add_column(label, key=label.lower())
+        jobs.add_column("STATE", key="state")
         ev = self.query_one("#events", DataTable)
         ev.add_column("TIME")
         ev.add_column("LEVEL", width=7)
@@ -111,17 +125,43 @@ class DashboardScreen(FerrymanScreen):
     def load(self) -> None:
         s = self.services
         c = s.client
-        health = c.health()
-        machines = c.machines()
+        full = self._need_full or self._ticks % FULL_EVERY == 0
+        self._ticks += 1
+        self._need_full = False
         jobs = c.jobs(active=True, limit=50)
         events = c.events(limit=EVENTS_SHOWN)
-        history = s.throughput_history()
-        self.post_message(self.Loaded(health, machines, jobs, events, history))
+        if full:
+            health, machines, history = c.health(), c.machines(), s.throughput_history()
+            self.post_message(self.Loaded(health, machines, jobs, events, history))
+        else:
+            self.post_message(self.Loaded(None, None, jobs, events, None))
+
+    def merge_jobs(self, jobs: list[dict[str, Any]]) -> None:
+        """Between full loads: the live progress of active jobs into the last machine list.
+        A job that started or ended changes more than progress: ask for a full load."""
+        active = {
+            j["machine_id"]: {k: j.get(k) for k in ("id", "kind", "state", "progress")}
+            for j in jobs
+            if j.get("machine_id")
+        }
+        before = {m["id"]: m["active_job"]["id"] for m in self.all if m.get("active_job")}
+        if before != {mid: j["id"] for mid, j in active.items()}:
+            self._need_full = True
+        self.all = [
+            {**m, "active_job": active.get(m["id"])}
+            if m.get("active_job") or m["id"] in active
+            else m
+            for m in self.all
+        ]
 
     def on_dashboard_screen_loaded(self, msg: Loaded) -> None:
-        shown = [m for m in msg.machines if m["protected"] or m.get("active_job")]
+        if msg.machines is None:
+            self.merge_jobs(msg.jobs)
+        else:
+            self.all, self.health = msg.machines, msg.health or {}
+        shown = [m for m in self.all if m["protected"] or m.get("active_job")]
         by_id = {m["id"]: m["name"] for m in shown}
-        for mid, values in msg.history.items():
+        for mid, values in (msg.history or {}).items():
             name = by_id.get(mid)
             if name and name not in self._history_seeded:
                 self.trends.setdefault(name, deque(maxlen=TREND_SAMPLES)).extend(values)
@@ -132,22 +172,23 @@ class DashboardScreen(FerrymanScreen):
             if job and job["state"] == "running" and rate:
                 self.trends.setdefault(m["name"], deque(maxlen=TREND_SAMPLES)).append(rate)
         self.machines = shown
-        self.app.machine_names = [m["name"] for m in msg.machines]  # type: ignore[attr-defined]
+        self.app.machine_names = [m["name"] for m in self.all]  # type: ignore[attr-defined]
         self.render_machines()
         summary_key = (
             self._age_bucket(),
-            [_key(m) for m in msg.machines],
+            [_key(m, progress=False) for m in self.all],
             len(msg.jobs),
             [j["state"] for j in msg.jobs],
-            (msg.health.get("probe") or {}),
+            (self.health.get("probe") or {}),
         )
         if summary_key != self._summary_key:  # 500 machines: skip what did not change
             self._summary_key = summary_key
-            self.render_summary(msg.health, msg.machines, msg.jobs)
-        if (msg.jobs, msg.events) != self._lists:
-            self._lists = (msg.jobs, msg.events)
-            self.render_jobs(msg.jobs, {m["id"]: m["name"] for m in msg.machines})
+            self.render_summary(self.health, self.all, msg.jobs)
+        if msg.jobs != self._lists[0]:
+            self.render_jobs(msg.jobs, {m["id"]: m["name"] for m in self.all})
+        if msg.events != self._lists[1]:
             self.render_events(msg.events)
+        self._lists = (msg.jobs, msg.events)
 
     def _age_bucket(self) -> int:
         """Ages are shown to the minute past 60 s: recompute the cells every 10 s at most."""
@@ -206,17 +247,25 @@ class DashboardScreen(FerrymanScreen):
 
     def render_jobs(self, jobs: list[dict[str, Any]], names: dict[int, str]) -> None:
         t = self.query_one("#jobs", DataTable)
-        cursor = t.cursor_row
-        t.clear()
+        rows = []
         for j in jobs:
             p = j.get("progress") or {}
             state = fmt.job_state(j["state"])
             if j["state"] == "running" and p.get("total"):
                 state = f"▶ {p['done'] / p['total']:.0%}"
-            machine = names.get(j.get("machine_id") or 0, "-")
-            t.add_row(str(j["id"]), j["kind"], machine, state, key=str(j["id"]))
-        if jobs:
-            t.move_cursor(row=min(cursor, len(jobs) - 1))
+            rows.append((str(j["id"]), j["kind"], names.get(j.get("machine_id") or 0, "-"), state))
+        keys = [str(k.value) for k in t.rows]
+        if keys == [r[0] for r in rows]:  # the same jobs: only their progress moved
+            for r in rows:
+                if str(t.get_cell(r[0], "state")) != r[3]:
+                    t.update_cell(r[0], "state", r[3])
+            return
+        cursor = t.cursor_row
+        t.clear()
+        for r in rows:
+            t.add_row(*r, key=r[0])
+        if rows:
+            t.move_cursor(row=min(cursor, len(rows) - 1))
 
     def render_events(self, events: list[dict[str, Any]]) -> None:
         t = self.query_one("#events", DataTable)
@@ -228,6 +277,7 @@ class DashboardScreen(FerrymanScreen):
     # -- actions ------------------------------------------------------------------------------
 
     def action_refresh(self) -> None:
+        self._need_full = True
         self.load()
 
     def action_open(self) -> None:
@@ -250,6 +300,7 @@ class DashboardScreen(FerrymanScreen):
     def start_sync(self, name: str) -> None:
         job = self.services.client.sync(name)
         self.post_message(JobSubmitted(f"sync of {name} started", job))
+        self._need_full = True
         self.app.call_from_thread(self.load)
 
     def action_cancel_job(self) -> None:
