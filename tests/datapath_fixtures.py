@@ -323,7 +323,7 @@ class TinyGuest:
     def uuid(self) -> str:
         return str(self.dom.UUIDString())
 
-    def wait_ready(self, timeout: float = 120.0) -> None:
+    def wait_ready(self, timeout: float = 300.0) -> None:  # TCG on a busy host is slow
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             out = self.serial.read_bytes() if self.serial.exists() else b""
@@ -355,6 +355,8 @@ def tiny_guest(dp_dir: Path) -> Iterator[Callable[..., TinyGuest]]:
         chunks: list[tuple[int, int, int]] = (),  # type: ignore[assignment]
     ) -> TinyGuest:
         name = f"fm-test-{uuid.uuid4().hex[:8]}"
+        h = uuid.uuid4().hex
+        mac = f"{h[0:2]}:{h[2:4]}:{h[4:6]}"
         disk = gdir / f"{name}.qcow2"
         subprocess.run(
             ["qemu-img", "create", "-q", "-f", "qcow2", str(disk), str(disk_size)], check=True
@@ -387,7 +389,7 @@ def tiny_guest(dp_dir: Path) -> Iterator[Callable[..., TinyGuest]]:
       <target dev='vda' bus='virtio'/>
     </disk>
     <serial type='file'><source path='{serial}'/></serial>
-    <interface type='user'><mac address='52:54:00:aa:bb:{len(made):02x}'/>
+    <interface type='user'><mac address='52:54:00:{mac}'/>
       <model type='virtio'/></interface>
   </devices>
 </domain>"""
@@ -423,7 +425,7 @@ def assert_ranges_equal(
     total = 0
     with QemuNbd(image, sock_dir, read_only=True, fmt=fmt) as rd:
         a = connect(source_uri)
-        b = connect(rd.uri)
+        b = connect(rd.uri, timeout=60)
         for off, n in ex.coalesce_ranges(ranges):
             pos = off
             while pos < off + n:

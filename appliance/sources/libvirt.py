@@ -115,14 +115,29 @@ class LibvirtSession:
                 p.unlink()
 
 
+ABORT_WAIT_S = 30.0  # abortJob returns before qemu has torn the NBD export down
+
+
 def _abort_backup(dom: Any) -> None:
+    """End the backup job and wait until libvirt reports no job (a new backupBegin would
+    otherwise be refused as 'another job is running')."""
     try:
-        if dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
-            dom.abortJob()
+        if dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE:
+            return
+        dom.abortJob()
     except libvirt.libvirtError as e:
         msg = e.get_error_message() or ""
         if "no job" not in msg.lower() and "not active" not in msg.lower():
             log.warning("ending the backup job of %s failed: %s", dom.name(), msg)
+    end = time.monotonic() + ABORT_WAIT_S
+    while time.monotonic() < end:
+        try:
+            if dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE:
+                return
+        except libvirt.libvirtError:
+            return
+        time.sleep(0.1)
+    log.warning("the backup job of %s did not end within %.0fs", dom.name(), ABORT_WAIT_S)
 
 
 def _text(el: ET.Element | None, default: str = "") -> str:

@@ -20,7 +20,7 @@ from appliance.sources.libvirt import LibvirtSource
 from tests.datapath_fixtures import *  # noqa: F403
 from tests.datapath_fixtures import MiB, check_ok
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def _point_hash(chain, name, sock):
