@@ -19,6 +19,7 @@ and ``serve`` (the NBD protocol):
     snapshot TAG SIZE LV:SNAP...   snapshot every LV (its filesystem frozen for the instant)
     status SNAP...                 size, snapshot usage, valid/invalid per snapshot
     remove SNAP...                 remove snapshots (lvremove -f)
+    finish SNAP...                 remove snapshots, then the helper's own directory
     cleanup TAG                    remove every snapshot carrying LVM tag TAG (left-overs)
     prepare TAG                    check, left-over snapshots (TAG), stale helper dirs removed,
                                    inventory: one call
@@ -430,6 +431,20 @@ def cmd_remove(args: List[str]) -> None:
     _out({"removed": out})
 
 
+def cmd_finish(args: List[str]) -> None:
+    """The last call of a session: remove the snapshots, then this helper's own directory."""
+    out = []
+    for s in args:
+        p = _run(["lvremove", "-f", s], check=False)
+        out.append({"snapshot": s, "ok": p.returncode == 0, "error": p.stderr.strip()})
+    d = os.path.dirname(os.path.abspath(__file__))
+    purged = False
+    if HELPER_DIR.match(os.path.basename(d)):
+        shutil.rmtree(d, ignore_errors=True)
+        purged = not os.path.exists(d)
+    _out({"removed": out, "purged": purged})
+
+
 def cmd_cleanup(args: List[str]) -> None:
     _out({"removed": cleanup(args[0])})
 
@@ -698,6 +713,7 @@ COMMANDS = {
     "status": cmd_status,
     "remove": cmd_remove,
     "cleanup": cmd_cleanup,
+    "finish": cmd_finish,
     "prepare": cmd_prepare,
     "size": cmd_size,
     "hash": cmd_hash,

@@ -332,12 +332,16 @@ class AgentSession:
                 errors.append(f"closing {f.sock.name}: {e}")
         self.forwarders.clear()
         try:
-            if self.snapshots:
-                out = self.helper.call("remove", *self.snapshots, timeout=120)
+            if self.helper.dir is not None:
+                # One call removes the snapshots and the helper: each costs seconds on a
+                # slow server.
+                out = self.helper.call("finish", *self.snapshots, timeout=120)
                 for r in out["removed"]:
                     if not r["ok"]:
                         errors.append(f"lvremove {r['snapshot']}: {r['error']}")
                 self.snapshots = []
+                if out.get("purged"):
+                    self.helper.dir = None
             self.helper.remove()
         except FerrymanError as e:
             errors.append(str(e))
