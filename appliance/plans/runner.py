@@ -220,6 +220,7 @@ class PlanRun:
 
     def resolve(self) -> None:
         """Restore point per machine (the plan's policy, or the cutover's sealed point)."""
+        self.t0 = self.clock()  # the RTO counts from here: preparation included
         for mp in self.plan.machines:
             m = inventory.machine_row(self.db, mp.machine)
             if self.kind == "test" and m["cutover_done"]:
@@ -525,7 +526,8 @@ class PlanRun:
 
     def bring_up(self) -> None:
         """Conversions in parallel, then boot rank by rank; raises on the first failure."""
-        self.t0 = self.clock()
+        if not self.t0:
+            self.t0 = self.clock()
         self.report["t0"] = now()
         for mr in self.machines.values():
             mr.macs = self._macs(mr)
