@@ -143,6 +143,9 @@ class Client:
         }
         return dict(self._call("POST", "/v1/sources", json=body))
 
+    def ssh_host_key(self, uri: str) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/ssh-probe", params={"uri": uri}))
+
     def tls_probe(self, uri: str) -> dict[str, Any]:
         return dict(self._call("GET", "/v1/tls-probe", params={"uri": uri}))
 

@@ -34,7 +34,7 @@ from appliance.datapath.copier import Copier
 from appliance.datapath.hashing import HashManifest, ManifestBuilder, hash_export, verify
 from appliance.datapath.throttle import Throttle
 from appliance.datapath.writer import QemuNbd
-from appliance.errors import Conflict, FerrymanError, NotFound
+from appliance.errors import Cancelled, Conflict, FerrymanError, NotFound
 from appliance.sources.base import SyncSession
 from store.db import dumps, loads, now, write_txn
 from store.records import add_event
@@ -190,8 +190,16 @@ def run_sync(ctx: JobContext) -> dict[str, Any]:
     ctx.progress.set_phase("opening a source snapshot")
     source_time = now()
     session = adapter.open_session(m["ref"], None if want_full else prev["token"] if prev else None)
+    watch = getattr(session, "watch", None)
+    if watch is not None:  # linux-agent: a snapshot that overflows cancels the copy at once
+        watch(ctx.cancel)
     try:
         return _sync(ctx, m, src, prev, session, source_time, want_full)
+    except Cancelled as e:
+        failure = getattr(session, "failure", lambda: None)()
+        if failure is not None:  # the source's own explanation beats "cancelled"
+            raise failure from e
+        raise
     finally:
         try:
             session.release()
@@ -280,7 +288,12 @@ def _sync(
             raise
         point = ov.seal()
         manifest: str | None = None
-        if hasher is not None and not ov.resumed:
+        src_manifest = getattr(d, "manifest", None)  # linux-agent: hashed on the server
+        if src_manifest is not None:
+            mp = _manifest_path(chain, point.name)
+            src_manifest.save(mp)
+            manifest = str(mp)
+        elif hasher is not None and not ov.resumed:
             mp = _manifest_path(chain, point.name)
             hasher.manifest.save(mp)  # type: ignore[attr-defined]
             manifest = str(mp)
@@ -301,17 +314,24 @@ def _sync(
                 chain.reading(point.name, f"verify job {ctx.job_id}") as path,
                 QemuNbd(path, writer_dir(), read_only=True) as reader,
             ):
-                res = verify(
-                    d.nbd_uri, reader.uri, disk=key, cancel=ctx.cancel, raise_on_mismatch=False
-                )
-            mp = _manifest_path(chain, point.name)
-            res.target.save(mp)
-            manifest = str(mp)
-            if not res.ok:
+                if src_manifest is not None:
+                    # The source hashed its snapshot itself: hash only the local point, so no
+                    # disk crosses the (WAN) link a second time.
+                    got = hash_export(reader.uri, disk=key, cancel=ctx.cancel)
+                    mismatches = src_manifest.diff(got)
+                else:
+                    res = verify(
+                        d.nbd_uri, reader.uri, disk=key, cancel=ctx.cancel, raise_on_mismatch=False
+                    )
+                    mismatches = res.mismatches
+                    mp = _manifest_path(chain, point.name)
+                    res.target.save(mp)
+                    manifest = str(mp)
+            if mismatches:
                 verified = "mismatch"
                 ctx.event(
-                    f"disk {key} of {m['name']}: {len(res.mismatches)} blocks differ from "
-                    f"the source snapshot (first at offset {res.mismatches[0]}); the next "
+                    f"disk {key} of {m['name']}: {len(mismatches)} blocks differ from "
+                    f"the source snapshot (first at offset {mismatches[0]}); the next "
                     "sync is a full resync",
                     level="error",
                 )

@@ -46,6 +46,8 @@ def _age(s: float | None) -> str:
 def _password(args: argparse.Namespace) -> str | None:
     if args.password_file:
         with open(args.password_file) as f:
+            if args.kind == "linux-agent":  # an SSH private key: the whole file
+                return f.read()
             return f.readline().rstrip("\n")
     if args.password_stdin:
         return sys.stdin.readline().rstrip("\n")
@@ -113,6 +115,18 @@ def source_tls(args: argparse.Namespace) -> Output:
         f"--thumbprint {cert['thumbprint']}"
     )
     return Output(cert, text)
+
+
+def source_hostkey(args: argparse.Namespace) -> Output:
+    with Client() as c:
+        k = c.ssh_host_key(args.uri)
+    text = (
+        f"{k['host']}:{k['port']} presents\n  {k['fingerprint']}\n"
+        "Confirm the fingerprint with the server's administrator (ssh-keygen -lf "
+        "/etc/ssh/ssh_host_ed25519_key.pub on the server), then add the source with\n"
+        f"  --param host_key='{k['host_key']}'"
+    )
+    return Output(k, text)
 
 
 def source_test(args: argparse.Namespace) -> Output:
@@ -300,7 +314,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         help="qemu:///system, qemu+ssh://host/system, nbd+unix:///?socket=..., https://vcenter",
     )
     p.add_argument("--user")
-    p.add_argument("--password-file", help="read the password from this file (never argv)")
+    p.add_argument(
+        "--password-file",
+        help="read the password (linux-agent: the SSH private key) from this file",
+    )
     p.add_argument("--password-stdin", action="store_true")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--thumbprint", help="SHA-256 of the certificate, confirmed by you")
@@ -311,6 +328,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-test", action="store_true", help="save without reaching the source")
     p = verb("tls", source_tls, "show the certificate a vCenter presents", ssub)
+    p.add_argument("uri")
+    p = verb("hostkey", source_hostkey, "show the SSH host key a server presents", ssub)
     p.add_argument("uri")
     p = verb("test", source_test, "reach a source and log in", ssub)
     p.add_argument("name")

@@ -209,6 +209,13 @@ def create_app(state: DaemonState) -> FastAPI:
             "discover", params={"source": src["name"]}, who=who, origin=origin
         )
 
+    @app.get("/v1/ssh-probe")
+    def ssh_probe(uri: str, request: Request) -> dict[str, Any]:
+        _who(request, "operator", "probe SSH host keys")
+        from appliance.sources.registry import ssh_host_key
+
+        return ssh_host_key(uri)
+
     @app.get("/v1/tls-probe")
     def tls_probe(uri: str) -> dict[str, Any]:
         return state.tls_probe(uri)

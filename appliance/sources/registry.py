@@ -63,11 +63,52 @@ def make_adapter(src: dict[str, Any], secret: SecretFn | None, username: str = "
             vddk_libdir=params.get("vddk_libdir"),
         )
     if kind == "linux-agent":
-        raise FerrymanError(
-            "linux-agent sources are not available in this version",
-            hint="use an NBD export of the server's disk meanwhile",
+        from appliance.sources.agent.source import LinuxAgentSource
+
+        u = urlsplit(src["uri"] if "://" in src["uri"] else "ssh://" + src["uri"])
+        if not params.get("host_key"):
+            raise FerrymanError(
+                f"source '{src['name']}' has no pinned SSH host key",
+                hint="check it with: ferryman source hostkey URI, then add the source with "
+                "--param host_key='<the key line>'",
+            )
+        if secret is None and not params.get("key_file"):
+            raise FerrymanError(
+                f"source '{src['name']}' has no SSH key",
+                hint="give --password-file KEYFILE (stored encrypted)",
+            )
+        identity: Any = secret if secret is not None else Path(params["key_file"])
+        return LinuxAgentSource(  # type: ignore[return-value]
+            host=u.hostname or "",
+            port=u.port or 22,
+            user=u.username or username or "root",
+            identity=identity,
+            host_key=params["host_key"],
+            run_dir=run_dir / "agent",
+            state_dir=paths().state_dir,
+            volumes=params.get("volumes"),
+            live_devices=params.get("live_devices"),
+            snapshot_size=params.get("snapshot_size", "20%ORIGIN"),
+            nbd_server=params.get("nbd_server", "auto"),
+            name=src["name"],
         )
     raise FerrymanError(f"unknown source kind '{kind}'")
+
+
+def ssh_host_key(uri: str) -> dict[str, Any]:
+    """The SSH host key a server presents, for the operator to confirm at first contact."""
+    from appliance.sources.agent.ssh import scan_host_key
+
+    u = urlsplit(uri if "://" in uri else "ssh://" + uri)
+    if not u.hostname:
+        raise FerrymanError(f"'{uri}' has no host name", hint="give ssh://USER@HOST[:PORT]")
+    k = scan_host_key(u.hostname, u.port or 22)
+    return {
+        "host": u.hostname,
+        "port": u.port or 22,
+        "host_key": k.line,
+        "fingerprint": k.fingerprint,
+    }
 
 
 def tls_probe(uri: str) -> dict[str, Any]:
