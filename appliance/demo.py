@@ -178,7 +178,7 @@ def test_run(c: Client, story: Story) -> dict[str, Any]:
     m = rep["machines"][lab.DOMAIN]
     ph = m.get("phases", {})
     story.step(
-        f"test run {run['id']}: RTO {rep['rto_s']:.0f} s (convert "
+        f"test run {run['id']}: RTO {rep['totals']['rto_s']:.0f} s (convert "
         f"{ph.get('convert_s', 0):.0f} s, boot {ph.get('boot_s', 0):.0f} s, ready "
         f"{ph.get('ready_s', 0):.0f} s); cleaned up"
     )
