@@ -245,7 +245,7 @@ def test_row_11_engine_killed_at_random_times(nbdkit_server, make_chain, dp_dir,
     kills = 0
     for _ in range(4):
         child = spawn_engine(args)
-        time.sleep(rnd.uniform(0.7, 1.2))
+        time.sleep(rnd.uniform(1.2, 2.0))
         if child.poll() is not None:
             break
         child.send_signal(signal.SIGKILL)
@@ -258,6 +258,9 @@ def test_row_11_engine_killed_at_random_times(nbdkit_server, make_chain, dp_dir,
         if chain.points():  # it finished just before the kill: nothing left to prove
             break
         done = journal.ranges()
+        if not partial.exists():  # killed before it created its overlay (slow start)
+            assert done == []
+            continue
         assert assert_ranges_equal(partial, srv.uri, done, dp_sock_dir) == sum(
             n for _, n in ex_coalesce(done)
         )
