@@ -114,7 +114,7 @@ def test_windows_phony_virt_v2v_writes_drivers_and_registry(
     virtio_win, tools = virtio_win_tree
     overlay = tmp_path / "win.qcow2"
     try:
-        convert(
+        result = convert(
             windows_phony_image,
             overlay,
             virtio_win=virtio_win,
@@ -125,6 +125,9 @@ def test_windows_phony_virt_v2v_writes_drivers_and_registry(
         log = tmp_path / "win.qcow2.virt-v2v.log"
         if log.exists():
             print(log.read_text(errors="replace")[-3000:])
+    # No backend asked: inspection found Windows and chose virt-v2v.
+    assert result.backend == "virt-v2v"
+    assert result.verify["ok"], result.verify["problems"]
     g = guestfs.GuestFS(python_return_dict=True)
     g.add_drive_opts(str(overlay), format="qcow2", readonly=True)
     g.launch()
@@ -132,8 +135,11 @@ def test_windows_phony_virt_v2v_writes_drivers_and_registry(
         g.mount_ro("/dev/sda2", "/")
         drivers = g.find("/Windows/Drivers/VirtIO")
         assert "viostor.sys" in drivers and "netkvm.sys" in drivers
-        assert g.exists("/Windows/System32/drivers/viostor.sys")
-        g.download("/Windows/System32/Config/SYSTEM", str(tmp_path / "SYSTEM"))
+        # NTFS through ntfs-3g is case-sensitive; Windows paths are not.
+        assert g.exists(g.case_sensitive_path("/Windows/System32/drivers/viostor.sys"))
+        g.download(
+            g.case_sensitive_path("/Windows/System32/config/SYSTEM"), str(tmp_path / "SYSTEM")
+        )
     finally:
         g.close()
     h = hivex.Hivex(str(tmp_path / "SYSTEM"))
