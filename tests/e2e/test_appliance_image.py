@@ -32,6 +32,8 @@ pytestmark = [
 ]
 
 TUI_START = b"\x1b[?1049h"  # Textual switches to the alternate screen
+# What the dashboard draws: the navigation bar ("FM  1 Dash 2 Sources ...") and the key footer.
+TUI_MARKERS = ("1 Dash", "2 Sources", "Quit")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,10 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
 
 def _tui_seen(data: bytes) -> bool:
     at = data.find(TUI_START)
-    return at >= 0 and "Ferryman" in plain(data[at:])
+    if at < 0:
+        return False
+    text = plain(data[at:])
+    return all(m in text for m in TUI_MARKERS)
 
 
 def _read_for(proc: subprocess.Popen[bytes], seconds: float, until: bytes = b"") -> bytes:
@@ -71,7 +76,7 @@ def _read_for(proc: subprocess.Popen[bytes], seconds: float, until: bytes = b"")
 def test_first_boot_configured_hostname_keys_and_the_data_disk(appliance: Appliance) -> None:
     r = appliance.admin(
         "hostname; findmnt -no SOURCE,FSTYPE /var/lib/ferryman/volumes; "
-        "cat /var/lib/ferryman/firstboot.done; ls /etc/issue.d"
+        "sudo cat /var/lib/ferryman/firstboot.done; ls /etc/issue.d"
     )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
@@ -84,8 +89,11 @@ def test_first_boot_configured_hostname_keys_and_the_data_disk(appliance: Applia
 
 
 def test_services_run_and_ferrymand_restarts_on_failure(appliance: Appliance) -> None:
-    r = appliance.admin("systemctl is-active ferrymand libvirtd virtlogd.socket ssh")
+    # libvirtd is socket-activated (and exits when idle): the socket must be up and answer.
+    r = appliance.admin("systemctl is-active ferrymand libvirtd.socket virtlogd.socket ssh")
     assert r.stdout.split() == ["active"] * 4, r.stdout + r.stderr
+    r = appliance.admin("virsh -c qemu:///system version")
+    assert r.returncode == 0 and "QEMU" in r.stdout, r.stdout + r.stderr
     show = appliance.admin("systemctl show ferrymand -p Restart -p MainPID --value").stdout.split()
     assert show[0] == "on-failure"
     old_pid = show[1]
@@ -113,7 +121,7 @@ def test_serial_console_autologs_the_operator_into_the_tui(appliance: Appliance)
     while not _tui_seen(data) and time.monotonic() < deadline:
         time.sleep(3)
         data = appliance.serial.read_bytes()
-    assert _tui_seen(data), "the serial console never showed the Ferryman TUI"
+    assert _tui_seen(data), "the serial console never showed the Ferryman TUI's dashboard"
 
 
 def test_ssh_login_of_the_operator_lands_in_the_tui(appliance: Appliance) -> None:
@@ -123,7 +131,7 @@ def test_ssh_login_of_the_operator_lands_in_the_tui(appliance: Appliance) -> Non
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    out = _read_for(proc, 150, until=b"Ferryman")
+    out = _read_for(proc, 150, until=b"Sources")
     assert _tui_seen(out), plain(out)[-2000:]
 
 
@@ -134,7 +142,7 @@ def test_operator_command_over_a_tty_still_gets_the_tui(appliance: Appliance) ->
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    out = _read_for(proc, 150, until=b"Ferryman")
+    out = _read_for(proc, 150, until=b"Sources")
     assert b"ESCAPED-42" not in out
     assert _tui_seen(out), plain(out)[-2000:]
 
@@ -148,36 +156,29 @@ def test_operator_gets_no_shell(appliance: Appliance) -> None:
 
 
 def test_operator_gets_no_sftp_or_scp(appliance: Appliance, tmp_path: Path) -> None:
-    sftp = subprocess.run(
-        [
-            "sftp",
-            *appliance.ssh_argv("op")[1:-1],
-            "-P",
-            str(appliance.port),
-            "-b",
-            "-",
-            "op@127.0.0.1",
-        ],
-        input=b"ls /\nget /etc/passwd\n",
-        capture_output=True,
-        timeout=60,
-    )
-    assert sftp.returncode != 0
-    assert b"root:x:0:0" not in sftp.stdout
-    target = tmp_path / "passwd"
-    scp = subprocess.run(
-        [
-            "scp",
-            *appliance.ssh_argv("op")[1:-1],
-            "-P",
-            str(appliance.port),
-            "op@127.0.0.1:/etc/passwd",
-            str(target),
-        ],
-        capture_output=True,
-        timeout=60,
-    )
-    assert scp.returncode != 0 and not target.exists()
+    def sftp(user: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            ["sftp", *appliance.copy_opts(), "-b", "-", f"{user}@127.0.0.1"],
+            input=b"get /etc/passwd " + str(tmp_path / user).encode() + b"\n",
+            capture_output=True,
+            timeout=120,
+        )
+
+    # Control: the same sftp call works for admin, so a refusal for op is the policy at work.
+    assert sftp("admin").returncode == 0 and (tmp_path / "admin").exists()
+    r = sftp("op")
+    assert r.returncode != 0 and not (tmp_path / "op").exists()
+    assert b"Connection closed" in r.stderr, r.stderr
+    # scp over the sftp protocol (default) and the legacy protocol (-O): the TUI wrapper refuses.
+    for legacy in ([], ["-O"]):
+        target = tmp_path / f"scp{len(legacy)}"
+        r = subprocess.run(
+            ["scp", *legacy, *appliance.copy_opts(), "op@127.0.0.1:/etc/passwd", str(target)],
+            capture_output=True,
+            timeout=120,
+        )
+        assert r.returncode != 0 and not target.exists(), r.stderr
+    assert b"opens the Ferryman text UI only" in r.stderr, r.stderr
 
 
 def test_operator_gets_no_port_forwarding(appliance: Appliance) -> None:
@@ -197,7 +198,12 @@ def test_operator_gets_no_port_forwarding(appliance: Appliance) -> None:
         s.bind(("127.0.0.1", 0))
         lport = s.getsockname()[1]
     proc = subprocess.Popen(
-        appliance.ssh_argv("op", "-N", "-L", f"127.0.0.1:{lport}:127.0.0.1:22"),
+        [
+            "ssh",
+            "-o",
+            "LogLevel=INFO",
+            *appliance.ssh_argv("op", "-N", "-L", f"127.0.0.1:{lport}:127.0.0.1:22")[1:],
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -225,16 +231,19 @@ def test_operator_gets_no_port_forwarding(appliance: Appliance) -> None:
 
 
 def test_doctor_as_admin_reports_no_failing_part(appliance: Appliance) -> None:
-    r = appliance.admin("sudo ferryman doctor --json", timeout=900)
+    # --quick: a libguestfs launch and the KVM probe inside this TCG guest would be TCG inside
+    # TCG (many minutes); both run for real on the build machine in tests/integration/test_doctor.
+    r = appliance.admin("sudo ferryman doctor --quick --json", timeout=600)
     body = json.loads(r.stdout)
     failing = [c for c in body["checks"] if c["verdict"] == "fail"]
     assert failing == [] and body["ok"] is True and r.returncode == 0, failing
     checks = {c["part"]: c for c in body["checks"]}
-    assert checks["ferrymand"]["verdict"] == "ok"
-    assert checks["libvirtd"]["verdict"] == "ok" and checks["state store"]["verdict"] == "ok"
-    assert checks["libguestfs launch"]["verdict"] == "ok", checks["libguestfs launch"]
-    # Under TCG (no nested KVM here) the accelerator is a warning that says what it costs.
-    assert checks["accelerator"]["verdict"] in ("ok", "warn"), checks["accelerator"]
+    skipped = {p for p, c in checks.items() if c["verdict"] == "skip"}
+    assert skipped == {"libguestfs launch", "accelerator"}
+    for part in ("ferrymand", "libvirtd", "virtlogd", "state store", "python: guestfs", "nbdkit"):
+        assert checks[part]["verdict"] == "ok", checks[part]
+    # 16 GiB system disk, 4 GiB data disk: below the 20 GiB comfort line, a warning with a fix.
+    assert checks["volume store space"]["verdict"] in ("ok", "warn")
 
 
 def test_support_bundle_on_the_appliance(appliance: Appliance) -> None:
