@@ -189,7 +189,27 @@ def run_sync(ctx: JobContext) -> dict[str, Any]:
         )
     ctx.progress.set_phase("opening a source snapshot")
     source_time = now()
-    session = adapter.open_session(m["ref"], None if want_full else prev["token"] if prev else None)
+    session: SyncSession | None = None
+    reattach = getattr(adapter, "reattach", None)
+    if ctx.resumed and reattach is not None:
+        # After a daemon crash libvirt's backup job may still hold the same frozen state:
+        # reattaching lets the journal skip what is already durable.
+        row = db.execute(
+            "SELECT snapshot_id, started_at FROM sync_sessions WHERE machine_id=? "
+            "AND state='copying' ORDER BY id DESC LIMIT 1",
+            [m["id"]],
+        ).fetchone()
+        if row is not None:
+            session = reattach(m["ref"], row[0])
+            if session is not None:
+                source_time = row[1]
+                ctx.event(
+                    f"reattached to the running backup job of {m['name']} (checkpoint {row[0]})"
+                )
+    if session is None:
+        session = adapter.open_session(
+            m["ref"], None if want_full else prev["token"] if prev else None
+        )
     watch = getattr(session, "watch", None)
     if watch is not None:  # linux-agent: a snapshot that overflows cancels the copy at once
         watch(ctx.cancel)
