@@ -13,7 +13,12 @@ from tests.helpers.daemon import Daemon, Env, running_daemon
 os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
 os.environ.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
 
-pytest_plugins: list[str] = []
+pytest_plugins = [
+    "tests.images_fixtures",
+    "tests.datapath_fixtures",
+    "tests.vsphere_fixtures",
+    "tests.agent_fixtures",
+]
 
 
 @pytest.fixture
