@@ -133,7 +133,7 @@ def test_windows_phony_virt_v2v_writes_drivers_and_registry(
     g.launch()
     try:
         g.mount_ro("/dev/sda2", "/")
-        drivers = g.find("/Windows/Drivers/VirtIO")
+        drivers = [p.lstrip("/") for p in g.find("/Windows/Drivers/VirtIO")]
         assert "viostor.sys" in drivers and "netkvm.sys" in drivers
         # NTFS through ntfs-3g is case-sensitive; Windows paths are not.
         assert g.exists(g.case_sensitive_path("/Windows/System32/drivers/viostor.sys"))
