@@ -214,6 +214,13 @@ class Client:
     def verify(self, rp_id: int) -> dict[str, Any]:
         return dict(self._call("POST", f"/v1/restore-points/{rp_id}/verify"))
 
+    def inspect(self, rp_id: int) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/restore-points/{rp_id}/inspect"))
+
+    def convert(self, rp_id: int, overlay: str, backend: str | None = None) -> dict[str, Any]:
+        body = {"overlay": overlay, "backend": backend}
+        return dict(self._call("POST", f"/v1/restore-points/{rp_id}/convert", json=body))
+
     def audit(self, limit: int = 200) -> list[dict[str, Any]]:
         return list(self._call("GET", "/v1/audit", params={"limit": limit}))
 

@@ -443,6 +443,9 @@ def retention(ctx: JobContext, m: dict[str, Any]) -> None:
         try:
             for d in oldest["disks"]:
                 chain = DiskChain(Path(d["path"]).parent)
+                from appliance.conversion_jobs import drop_stale_overlay_readers
+
+                drop_stale_overlay_readers(chain)
                 chain.merge_oldest()
         except FerrymanError as e:
             ctx.event(f"retention of {m['name']} postponed: {e}", level="warning")

@@ -6,6 +6,7 @@ import argparse
 import getpass
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from appliance.cli import Output, table
@@ -284,6 +285,51 @@ def verify(args: argparse.Namespace) -> Output:
         return _maybe_wait(c, c.verify(args.id), args.wait, f"verify point {args.id}")
 
 
+def _verdict_text(data: dict[str, Any]) -> str:
+    insp, v = data.get("inspection") or {}, data.get("preflight") or {}
+    lines = [
+        f"guest: {insp.get('product_name') or insp.get('distro') or '?'} "
+        f"({insp.get('os_type', '?')}, {insp.get('arch', '?')})",
+        f"verdict: {'READY' if v.get('ok') else 'BLOCKED'} (backend {v.get('backend')})",
+    ]
+    lines += [f"  blocker: {b}" for b in v.get("blockers", [])]
+    lines += [f"  warning: {w}" for w in v.get("warnings", [])]
+    return "\n".join(lines)
+
+
+def inspect(args: argparse.Namespace) -> Output:
+    with Client() as c:
+        job = c.wait(c.inspect(args.id)["id"])
+    if job["state"] != "succeeded":
+        return Output(job, f"inspect point {args.id}: {job['state']}: {job['error']}", 1)
+    return Output(job["result"], _verdict_text(job["result"]))
+
+
+def preflight(args: argparse.Namespace) -> Output:
+    with Client() as c:
+        rp = next((r for r in c.restore_points(args.machine) if r["id"] == args.id), None)
+        if rp is None:
+            raise FerrymanError(
+                f"no restore point {args.id} of {args.machine}",
+                hint=f"list them with: ferryman points {args.machine}",
+            )
+        if not rp["inspection"]:
+            job = c.wait(c.inspect(args.id)["id"])
+            if job["state"] != "succeeded":
+                return Output(job, f"inspect point {args.id}: {job['error']}", 1)
+            data = job["result"]
+        else:
+            data = rp["inspection"]
+    ok = bool((data.get("preflight") or {}).get("ok"))
+    return Output(data, _verdict_text(data), 0 if ok else 1)
+
+
+def convert(args: argparse.Namespace) -> Output:
+    with Client() as c:
+        job = c.convert(args.id, str(Path(args.to).resolve()), args.backend)
+        return _maybe_wait(c, job, args.wait, f"convert point {args.id}")
+
+
 def audit_show(args: argparse.Namespace) -> Output:
     with Client() as c:
         rows = c.audit(args.limit)
@@ -376,6 +422,18 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("id", type=int)
     p = verb("verify", verify, "compare a restore point with its source, block by block")
     p.add_argument("id", type=int)
+    p.add_argument("--wait", action="store_true")
+    p = verb("inspect", inspect, "inspect a restore point's guest (libguestfs) and store it")
+    p.add_argument("id", type=int)
+    p = verb("preflight", preflight, "can this restore point be converted? blockers, warnings")
+    p.add_argument("machine")
+    p.add_argument("id", type=int)
+    p = verb(
+        "convert", convert, "convert a restore point onto a new overlay (the chain is only read)"
+    )
+    p.add_argument("id", type=int)
+    p.add_argument("--to", required=True, help="the new qcow2 file")
+    p.add_argument("--backend", choices=["builtin", "virt-v2v"])
     p.add_argument("--wait", action="store_true")
     p = verb("audit-log", audit_show, "who did what, from where")
     p.add_argument("--limit", type=int, default=50)

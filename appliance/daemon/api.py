@@ -53,6 +53,11 @@ class SyncRequest(BaseModel):
     full: bool = False
 
 
+class ConvertRequest(BaseModel):
+    overlay: str = Field(min_length=1, description="new qcow2 file for the converted guest")
+    backend: str | None = Field(default=None, pattern="^(builtin|virt-v2v)$")
+
+
 class ErrorBody(BaseModel):
     code: str
     message: str
@@ -293,6 +298,33 @@ def create_app(state: DaemonState) -> FastAPI:
         return state.runner.submit(
             "verify", machine_id=row[0], params={"restore_point": rp_id}, who=who, origin=origin
         )
+
+    def _point_job(
+        rp_id: int, kind: str, params: dict[str, Any], request: Request
+    ) -> dict[str, Any]:
+        who, origin = _who(request, "operator", f"{kind} restore points")
+        row = state.db.execute(
+            "SELECT machine_id FROM restore_points WHERE id=? AND state='sealed'", [rp_id]
+        ).fetchone()
+        if row is None:
+            raise NotFound(
+                f"no restore point {rp_id}", hint="list them with: ferryman points MACHINE"
+            )
+        return state.runner.submit(
+            kind,
+            machine_id=row[0],
+            params={"restore_point": rp_id, **params},
+            who=who,
+            origin=origin,
+        )
+
+    @app.post("/v1/restore-points/{rp_id}/inspect", status_code=202)
+    def inspect_point(rp_id: int, request: Request) -> dict[str, Any]:
+        return _point_job(rp_id, "inspect", {}, request)
+
+    @app.post("/v1/restore-points/{rp_id}/convert", status_code=202)
+    def convert_point(rp_id: int, req: ConvertRequest, request: Request) -> dict[str, Any]:
+        return _point_job(rp_id, "convert", req.model_dump(), request)
 
     @app.get("/v1/audit")
     def audit_log(limit: int = 200) -> list[dict[str, Any]]:

@@ -53,11 +53,35 @@ def _verify(ctx: JobContext) -> dict[str, Any]:
     return replication.run_verify(ctx)
 
 
+def _inspect(ctx: JobContext) -> dict[str, Any]:
+    from appliance import conversion_jobs
+
+    return conversion_jobs.run_inspect(ctx)
+
+
+def _convert(ctx: JobContext) -> dict[str, Any]:
+    from appliance import conversion_jobs
+
+    return conversion_jobs.run_convert(ctx)
+
+
 def all_specs() -> list[JobSpec]:
     from appliance.plans import jobs as plan_jobs
 
     return [
         *plan_jobs.specs(),
+        JobSpec(
+            "inspect",
+            _inspect,
+            needs_machine=True,
+            description="inspect a restore point's guest and give the preflight verdict",
+        ),
+        JobSpec(
+            "convert",
+            _convert,
+            needs_machine=True,
+            description="convert a restore point onto a throw-away overlay",
+        ),
         JobSpec(
             "probe",
             run_probe,
