@@ -79,7 +79,7 @@ class FerrymanApp(App[None]):
         self.machine_names: list[str] = []  # last seen by the dashboard, for the palette
         self.identity: dict[str, str] = {}  # user, role, origin as the daemon sees us
 
-    def on_mount(self) -> None:
+    async def on_mount(self) -> None:
         # Worker threads decode the daemon's JSON holding the GIL; hand it back to the event
         # loop every 1 ms instead of 5 so keys and repaints do not wait behind a refresh.
         sys.setswitchinterval(GIL_SWITCH_S)
@@ -88,7 +88,7 @@ class FerrymanApp(App[None]):
         self.theme = os.environ.get("FERRYMAN_THEME") or (
             "textual-ansi" if term in MONO_TERMS else "ferryman"
         )
-        self.switch_mode("dashboard")
+        await self.switch_mode("dashboard")  # awaited: no later switch races the first keys
         self.login()
 
     @work(thread=True, exclusive=True, exit_on_error=False, name="Opening the session")

@@ -30,8 +30,16 @@ def table_rows(pilot: Pilot[Any], selector: str) -> int:
 
 
 async def settle(pilot: Pilot[Any]) -> None:
-    # the session login shows who we are in the nav bar: wait for it, then for the paint
+    """Wait for the login (the nav bar shows who we are), then until two pictures 0.2 s
+    apart are the same: layout passes after the data arrived have all landed."""
     await until(pilot, lambda: pilot.app.identity, "login")  # type: ignore[attr-defined]
+    before = pilot.app.export_screenshot()
+    for _ in range(50):
+        await pilot.pause(0.2)
+        now = pilot.app.export_screenshot()
+        if now == before:
+            break
+        before = now
     for _ in range(3):
         await pilot.pause(0.05)
 
@@ -144,10 +152,20 @@ SCREENS: dict[str, Callable[[Pilot[Any]], Awaitable[None]]] = {
 }
 
 
+async def first(pilot: Pilot[Any]) -> None:
+    """As an operator does: wait for the dashboard before pressing anything."""
+    await until(
+        pilot,
+        lambda: pilot.app.screen.query_one(MachineTable).row_count == 4,
+        "the dashboard first",
+    )
+
+
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("screen", list(SCREENS))
 def test_screen(screen: str, size: str, shared_scene: Env, snap_compare: Any) -> None:
     async def run_before(pilot: Pilot[Any]) -> None:
+        await first(pilot)
         await SCREENS[screen](pilot)
         await settle(pilot)
 

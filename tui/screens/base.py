@@ -52,6 +52,8 @@ class FerrymanScreen(Reports, Screen[None]):
         yield from ()
 
     def on_mount(self) -> None:
+        for w in self.query("Input, TextArea"):
+            w.cursor_blink = False  # type: ignore[attr-defined]  # steady, and snapshots too
         self.load()
         if self.auto_refresh and self.services.refresh_s > 0:
             self._timer = self.set_interval(self.services.refresh_s, self.tick)

@@ -97,14 +97,14 @@ class DashboardScreen(FerrymanScreen):
                 yield DataTable(id="events", cursor_type="row", show_header=False)
 
     def on_mount(self) -> None:
+        # Fixed widths: auto widths depend on when rows arrive relative to the first layout.
         jobs = self.query_one("#jobs", DataTable)
-        for label in ("ID", "KIND", "MACHINE"):
-            jobs.add_column(label, key=label.lower())
-        jobs.add_column("STATE", key="state")
+        for label, width in (("ID", 4), ("KIND", 6), ("MACHINE", 9), ("STATE", 11)):
+            jobs.add_column(label, key=label.lower(), width=width)
         ev = self.query_one("#events", DataTable)
-        ev.add_column("TIME")
+        ev.add_column("TIME", width=11)
         ev.add_column("LEVEL", width=7)
-        ev.add_column("MESSAGE")
+        ev.add_column("MESSAGE", width=120)
         self.query_one(MachineTable).set_layout(self.size.width >= WIDE)
         self.query_one(MachineTable).focus()
         super().on_mount()

@@ -33,6 +33,8 @@ class ConfirmDialog(FerrymanModal):
                 yield Button("Cancel  esc", id="no", compact=True)
 
     def on_mount(self) -> None:
+        for w in self.query(Input):
+            w.cursor_blink = False
         self.query_one("#word" if self.word else "#no").focus()
 
     def on_input_submitted(self) -> None:

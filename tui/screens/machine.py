@@ -129,11 +129,26 @@ class MachineScreen(FerrymanScreen):
         yield DataTable(id="m-jobs", cursor_type="row")
 
     def on_mount(self) -> None:
-        self.query_one("#m-disks", DataTable).add_columns("DISK", "SIZE", "LABEL")
-        self.query_one("#m-rps", DataTable).add_columns(
-            "RP", "TAKEN", "AGE", "TYPE", "WRITTEN/SIZE", "CONSISTENCY", "VERIFIED"
-        )
-        self.query_one("#m-jobs", DataTable).add_columns("JOB", "KIND", "STATE", "ENDED", "NOTE")
+        # Fixed widths: auto widths depend on when rows arrive relative to the first layout.
+        for table, cols in (
+            ("#m-disks", (("DISK", 6), ("SIZE", 9), ("LABEL", 40))),
+            (
+                "#m-rps",
+                (
+                    ("RP", 5),
+                    ("TAKEN", 11),
+                    ("AGE", 6),
+                    ("TYPE", 4),
+                    ("WRITTEN/SIZE", 20),
+                    ("CONSISTENCY", 18),
+                    ("VERIFIED", 20),
+                ),
+            ),
+            ("#m-jobs", (("JOB", 5), ("KIND", 7), ("STATE", 14), ("ENDED", 11), ("NOTE", 80))),
+        ):
+            t = self.query_one(table, DataTable)
+            for label, width in cols:
+                t.add_column(label, width=width)
         self.query_one("#m-progress-row").display = False
         self.query_one("#m-rps").focus()
         super().on_mount()

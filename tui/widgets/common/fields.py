@@ -119,6 +119,7 @@ class Field(Vertical):
 
     def on_mount(self) -> None:
         self.set_error(None)
+        self.input.cursor_blink = False  # a steady cursor: calmer on a serial console
 
 
 def check_all(fields: list[Field], extra: dict[str, list[Check]] | None = None) -> bool:
