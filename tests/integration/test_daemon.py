@@ -55,17 +55,20 @@ def test_api_through_client_and_cli(daemon: Daemon, fm_env: Env) -> None:
 def test_kill9_during_job_then_restart_reports_interrupted(fm_env: Env) -> None:
     d = Daemon(fm_env, "--no-probe")
     d.wait_ready()
-    with fm_env.client() as c:
-        job = c.submit("probe")  # boots the host kernel under KVM then TCG: ~30 s
-        end = time.monotonic() + 20
-        while c.job(job["id"])["state"] != "running" and time.monotonic() < end:
-            time.sleep(0.1)
-        with pytest.raises(Conflict, match="already running"):
-            c.submit("probe")  # a second operator gets a refusal, not a race
-    time.sleep(1.0)
-    kids = children_of(d.proc.pid)
-    assert kids, "the probe should be running qemu"
-    d.kill9()
+    try:
+        with fm_env.client() as c:
+            job = c.submit("probe")  # boots the host kernel under KVM then TCG: ~30 s
+            end = time.monotonic() + 20
+            while c.job(job["id"])["state"] != "running" and time.monotonic() < end:
+                time.sleep(0.1)
+            with pytest.raises(Conflict, match="already running"):
+                c.submit("probe")  # a second operator gets a refusal, not a race
+        time.sleep(1.0)
+        kids = children_of(d.proc.pid)
+        assert kids, "the probe should be running qemu"
+        d.kill9()
+    finally:
+        d.stop()  # only if an assertion failed before the kill
     end = time.monotonic() + 5
     while any(alive(k) for k in kids) and time.monotonic() < end:
         time.sleep(0.1)

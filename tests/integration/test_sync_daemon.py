@@ -62,22 +62,25 @@ def test_full_then_incremental_by_hash_compare(daemon: Daemon, fm_env: Env, sour
 def test_kill9_mid_sync_resumes_without_recopying(fm_env: Env, source: Export) -> None:
     d = Daemon(fm_env, "--no-probe")
     d.wait_ready()
-    # A fixed snapshot identity: the operator's export does not change between runs, so an
-    # interrupted sync may resume; a throttle makes the copy last long enough to kill it.
-    register(fm_env, source, "--param", "snapshot_id=export-v1")
-    cli(fm_env, "set", "web01", "--throttle", "512KiB")  # ~24 s; flushes every 10 s
-    job = cli(fm_env, "sync", "web01")
-    end = time.monotonic() + 60
-    done = 0
-    while time.monotonic() < end:
-        con = sqlite3.connect(fm_env.db)
-        done = con.execute("SELECT coalesce(sum(length),0) FROM sync_extents").fetchone()[0]
-        con.close()
-        if done >= 2 * MiB:
-            break
-        time.sleep(0.2)
-    assert done >= 2 * MiB, "no durable extent recorded within 60 s"
-    d.kill9()
+    try:
+        # A fixed snapshot identity: the operator's export does not change between runs, so an
+        # interrupted sync may resume; a throttle makes the copy last long enough to kill it.
+        register(fm_env, source, "--param", "snapshot_id=export-v1")
+        cli(fm_env, "set", "web01", "--throttle", "512KiB")  # ~24 s; flushes every 10 s
+        job = cli(fm_env, "sync", "web01")
+        end = time.monotonic() + 60
+        done = 0
+        while time.monotonic() < end:
+            con = sqlite3.connect(fm_env.db)
+            done = con.execute("SELECT coalesce(sum(length),0) FROM sync_extents").fetchone()[0]
+            con.close()
+            if done >= 2 * MiB:
+                break
+            time.sleep(0.2)
+        assert done >= 2 * MiB, "no durable extent recorded within 60 s"
+        d.kill9()
+    finally:
+        d.stop()  # only if an assertion failed before the kill
     with running_daemon(fm_env, "--no-probe"):
         cli(fm_env, "set", "web01", "--no-throttle")
         j = cli(fm_env, "job", "show", str(job["id"]), "--wait")

@@ -22,18 +22,21 @@ pytestmark = [pytest.mark.reliability, pytest.mark.timeout(300)]
 def test_row_20_resume_against_other_snapshot_restarts(fm_env: Env, source: Export) -> None:
     d = Daemon(fm_env, "--no-probe")
     d.wait_ready()
-    register(fm_env, source, "--param", "snapshot_id=export-v1")
-    cli(fm_env, "set", "web01", "--throttle", "512KiB")
-    job = cli(fm_env, "sync", "web01")
-    end = time.monotonic() + 60
-    while time.monotonic() < end:
-        con = sqlite3.connect(fm_env.db)
-        done = con.execute("SELECT coalesce(sum(length),0) FROM sync_extents").fetchone()[0]
-        con.close()
-        if done >= MiB:
-            break
-        time.sleep(0.2)
-    d.kill9()
+    try:
+        register(fm_env, source, "--param", "snapshot_id=export-v1")
+        cli(fm_env, "set", "web01", "--throttle", "512KiB")
+        job = cli(fm_env, "sync", "web01")
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            con = sqlite3.connect(fm_env.db)
+            done = con.execute("SELECT coalesce(sum(length),0) FROM sync_extents").fetchone()[0]
+            con.close()
+            if done >= MiB:
+                break
+            time.sleep(0.2)
+        d.kill9()
+    finally:
+        d.stop()  # only if an assertion failed before the kill
     con = sqlite3.connect(fm_env.db)
     con.execute("UPDATE sync_sessions SET snapshot_id='export-v0-tampered'")
     con.commit()
