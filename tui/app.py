@@ -135,12 +135,29 @@ class FerrymanApp(App[None]):
         yield SystemCommand(
             "Add a source", "vSphere, libvirt, NBD or Linux agent", self._add_source
         )
+        yield SystemCommand(
+            "Reset the demo lab",
+            "remove the lab VM, its cutover targets, networks, disks, source and points",
+            self.reset_lab,
+        )
         yield SystemCommand("Quit", "leaves every job running in ferrymand", self.exit)
         yield from (
             c
             for c in super().get_system_commands(screen)
             if c.title in ("Theme", "Keys", "Screenshot")
         )
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="lab")
+    def reset_lab(self) -> None:
+        """scripts/demo --reset, from the TUI (blocking: libvirt and the API, in a worker)."""
+        import io
+        from contextlib import redirect_stdout
+
+        from appliance import demo
+
+        with redirect_stdout(io.StringIO()):  # the story's lines would garble the screen
+            done = demo.reset(self.services.client, demo.Story())
+        self.post_message(ActionDone("Lab reset", ", ".join(done) or "nothing to remove"))
 
     def _add_source(self) -> None:
         self.switch_mode("sources")
