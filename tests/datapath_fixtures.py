@@ -282,7 +282,7 @@ def build_tiny_guest(out: Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     kernels = sorted(glob.glob("/boot/vmlinuz-*"))
     if not kernels or not Path("/usr/bin/busybox").exists():
-        pytest.skip("needs a kernel in /boot and busybox-static")
+        pytest.fail("needs a kernel in /boot and busybox-static (scripts/test installs them)")
     kernel = Path(kernels[-1])
     kver = kernel.name.removeprefix("vmlinuz-")
     moddir = Path(f"/lib/modules/{kver}/kernel/drivers")

@@ -55,7 +55,7 @@ def vcsim_binary() -> Path:
         shutil.which("go") is None
         or not Path("/usr/share/gocode/src/github.com/vmware/govmomi/simulator").is_dir()
     ):
-        pytest.skip("vcsim needs golang-go and golang-github-vmware-govmomi-dev (scripts/setup)")
+        pytest.fail("vcsim needs golang-go and golang-github-vmware-govmomi-dev (scripts/test)")
     r = subprocess.run([str(BUILD)], capture_output=True, text=True, check=False, timeout=600)
     if r.returncode != 0:
         raise RuntimeError(f"building vcsim failed:\n{r.stderr}")

@@ -281,7 +281,7 @@ def test_ssh_dropped_mid_sync_then_resumed_by_the_next_session(
        engine's journal resume copies only what was not durable yet.
     """
     if agent_guest.proc is None:
-        pytest.skip("needs a guest started by this session (it is paused)")
+        pytest.fail("needs a guest started by this session (it is paused)")
     assert agent_guest.host_key is not None
     src = LinuxAgentSource(
         host="127.0.0.1",

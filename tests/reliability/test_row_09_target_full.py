@@ -34,7 +34,7 @@ def small_fs(dp_dir):
         text=True,
     )
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr}")
+        pytest.fail(f"cannot mount a tmpfs here: {r.stderr}")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
