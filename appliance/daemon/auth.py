@@ -122,8 +122,18 @@ def forbidden(c: Caller, role: str, action: str) -> Forbidden:
     )
 
 
-def require(request: Request, role: str, action: str) -> Caller:
+def authorize(request: Request, role: str, action: str) -> Caller:
+    """The caller if their role allows ``action``; otherwise the refusal is written to the
+    audit trail and raised. Every API module (daemon, plans) checks roles through this."""
     c = caller(request)
     if not c.allows(role):
-        raise forbidden(c, role, action)
+        err = forbidden(c, role, action)
+        request.app.state.ferryman.audit(
+            c.user,
+            c.origin,
+            action,
+            {"path": request.url.path, "method": request.method},
+            f"refused: {err}",
+        )
+        raise err
     return c

@@ -51,15 +51,8 @@ class StepRequest(BaseModel):
 
 
 def _who(request: Request) -> tuple[str, str]:
-    """Caller identity from the kernel (appliance.daemon.auth). Plans, test runs and
-    cutover steps change things: they need the operator role; a refusal is audited."""
-    c = auth.caller(request)
-    if not c.allows("operator"):
-        err = auth.forbidden(c, "operator", f"use {request.url.path}")
-        request.app.state.ferryman.audit(
-            c.user, c.origin, request.url.path, {"method": request.method}, f"refused: {err}"
-        )
-        raise err
+    """Plans, test runs and cutover steps change things: they need the operator role."""
+    c = auth.authorize(request, "operator", f"use {request.url.path}")
     return c.user, c.origin
 
 
