@@ -47,6 +47,18 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def verb_adder(sub: Any, common: argparse.ArgumentParser) -> Callable[..., argparse.ArgumentParser]:
+    """``verb(name, handler, help, parent=sub)``: a sub-command that takes ``--json`` and runs
+    ``handler``; the one way verb modules declare their verbs."""
+
+    def verb(name: str, handler: Handler, help_: str, parent: Any = sub) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help_, parents=[common])
+        p.set_defaults(handler=handler)
+        return p
+
+    return verb
+
+
 def build_parser() -> argparse.ArgumentParser:
     from appliance.cli import verbs_core, verbs_machines, verbs_plans, verbs_support
 

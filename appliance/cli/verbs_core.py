@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from appliance.cli import Output, table
+from appliance.cli import Output, table, verb_adder
 from appliance.client import Client
 from appliance.config import paths
 from appliance.errors import FerrymanError
@@ -172,10 +172,7 @@ def api_schema(args: argparse.Namespace) -> Output:
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    def verb(name: str, handler: Any, help_: str, parent: Any = sub) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = parent.add_parser(name, help=help_, parents=[common])
-        p.set_defaults(handler=handler)
-        return p
+    verb = verb_adder(sub, common)
 
     verb("status", status, "daemon, accelerator and running jobs")
     p = verb("jobs", jobs, "list jobs (running ones unless --all)")

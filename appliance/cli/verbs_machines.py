@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from appliance.cli import Output, table
+from appliance.cli import Output, table, verb_adder
 from appliance.client import Client
 from appliance.errors import FerrymanError
 from appliance.units import human_bytes
@@ -343,10 +343,7 @@ def audit_show(args: argparse.Namespace) -> Output:
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    def verb(name: str, handler: Any, help_: str, parent: Any = sub) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = parent.add_parser(name, help=help_, parents=[common])
-        p.set_defaults(handler=handler)
-        return p
+    verb = verb_adder(sub, common)
 
     verb("sources", sources, "list registered sources")
     src = sub.add_parser("source", help="add, test or remove a source", parents=[common])
