@@ -105,6 +105,9 @@ def check_libvirt() -> list[Check]:
             "" if virtlogd else "start it: systemctl start virtlogd (or virtlogd -d)",
         )
     )
+    kvm = _kvm_group_check()
+    if kvm is not None:
+        out.append(kvm)
     try:
         import libvirt
 
@@ -131,6 +134,34 @@ def check_libvirt() -> list[Check]:
             )
         )
     return out
+
+
+def _kvm_group_check() -> Check | None:
+    """/dev/kvm must belong to group kvm (udev's rule), or libvirtd re-probes qemu on every call.
+
+    libvirtd checks /dev/kvm as the qemu user; a node that arrived with a foreign gid (seen in
+    containers) makes it find its capabilities cache outdated each time: seconds per call,
+    minutes per domain start under load.
+    """
+    import grp
+
+    try:
+        st = os.stat("/dev/kvm")
+        kvm_gid = grp.getgrnam("kvm").gr_gid
+    except (OSError, KeyError):
+        return None
+    if st.st_gid == kvm_gid:
+        return None
+    try:
+        owner = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        owner = str(st.st_gid)
+    return Check(
+        "/dev/kvm group",
+        "warn",
+        f"group {owner}, not kvm: libvirtd re-probes qemu on every call (slow domain starts)",
+        "chgrp kvm /dev/kvm (scripts/demo and scripts/test do it)",
+    )
 
 
 def check_guestfs(quick: bool) -> Check:

@@ -50,6 +50,19 @@ ensure_venv() {
 
 have_systemd() { [ -d /run/systemd/system ] && [ "$(ps -o comm= 1)" = systemd ]; }
 
+ensure_kvm_group() {
+    # udev gives /dev/kvm to group kvm (Debian's rule); in containers the node can arrive with a
+    # host gid that maps to another group (here: ssl-cert). libvirtd then finds the qemu
+    # capabilities it probed "outdated" on every call ("KVM was enabled when probing ..., but it
+    # is not available now") and re-probes qemu each time: 4 s per virsh call when idle, minutes
+    # per domain start under load. Giving the node back to kvm, as udev would, ends that.
+    [ -c /dev/kvm ] && getent group kvm >/dev/null || return 0
+    if [ "$(stat -c %G /dev/kvm)" != kvm ]; then
+        say "giving /dev/kvm to group kvm as udev would (it is $(stat -c %G /dev/kvm) here)"
+        chgrp kvm /dev/kvm || say "warning: could not chgrp /dev/kvm; libvirt calls will be slow"
+    fi
+}
+
 ensure_services() {
     # libvirtd needs virtlogd. On the appliance systemd runs both; on build machines systemd
     # is not PID 1, so start the daemons directly (they outlive this script, as they should).
@@ -80,6 +93,7 @@ setup_all() {
     ensure_packages
     ensure_venv
     ensure_groups
+    ensure_kvm_group
     ensure_services
     export PATH="$VENV/bin:$PATH"
 }

@@ -5,7 +5,7 @@
   ``qemu-nbd --cache=none``: our engine (block status, zero elision, libnbd aio) against
   nbdcopy with its defaults, alternating runs; ratio = our throughput / nbdcopy's (= nbdcopy
   time / our time, medians). Timed from writer start to writer exit (flushed), for both.
-- engine_peak_rss_mib: peak RSS (ru_maxrss) of the engine process doing those full syncs
+- engine_peak_rss_mib: peak RSS (VmHWM) of the engine process doing those full syncs
   (each of our runs is a child process); ratio = peak / 200 MiB budget.
 - incremental_read_amplification / incremental_vs_full_time: a 16 GiB qcow2 holding 8 GiB of
   data; full sync; a dirty bitmap is added, then 1 % of the disk (164 MiB, 64 KiB writes at
@@ -66,8 +66,9 @@ del h
 st = Copier(disk_key="vda", source_uri=a["source"], target_uri=w.uri,
             target_is_zero=a.get("target_is_zero", False)).copy(exts)
 rc = w.stop()
-import resource
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM is this process's own peak: ru_maxrss would carry over the peak of the forking
+# parent (Linux keeps the larger of the two across execve).
+rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 print(json.dumps({"seconds": time.monotonic() - t0, "rc": rc, "rss_mib": rss, **st.as_dict()}))
 """
 
@@ -113,7 +114,7 @@ def _engine(source: str, target: Path, sock: Path, **extra: Any) -> tuple[dict[s
     if p.returncode != 0:
         raise RuntimeError(f"engine child failed: {err[-1500:]}")
     st = json.loads(out.strip().splitlines()[-1])
-    return st, float(st["rss_mib"])  # the engine process's own ru_maxrss
+    return st, float(st["rss_mib"])  # the engine process's own peak (VmHWM)
 
 
 def _fresh_qcow2(path: Path, size: int) -> None:
@@ -216,9 +217,11 @@ def bench_full(work: Path) -> list[dict[str, Any]]:
             ).returncode
             == 0
         )
+        daemon = _daemon_sync_rss(uri, work)
     finally:
         s.stop()
     t_ours, t_ref = statistics.median(ours), statistics.median(ref)
+    peak = max(max(rss), daemon["peak_mib"])
     return [
         {
             "id": "full_sync_vs_nbdcopy",
@@ -233,16 +236,50 @@ def bench_full(work: Path) -> list[dict[str, Any]]:
         },
         {
             "id": "engine_peak_rss_mib",
-            "ours": round(max(rss), 1),
+            "ours": round(peak, 1),
             "reference": RSS_BUDGET_MIB,
-            "ratio": round(max(rss) / RSS_BUDGET_MIB, 3),
+            "ratio": round(peak / RSS_BUDGET_MIB, 3),
             "goal": "<= 1.0",
             "unit": "MiB",
-            "detail": "peak RSS (ru_maxrss) of the engine process during the 4 GiB full syncs "
-            f"above (qemu-nbd excluded), per run {[round(x) for x in rss]} MiB; "
-            "ratio = peak / 200 MiB budget",
+            "detail": "peak RSS (VmHWM, qemu-nbd excluded) during a 4 GiB full sync: the "
+            f"copier alone per run {[round(x) for x in rss]} MiB; the whole ferrymand "
+            f"(API, scheduler, job runner) syncing the same export as an NBD source "
+            f"{daemon['peak_mib']:.0f} MiB (idle before: {daemon['idle_mib']:.0f} MiB, "
+            f"sync {daemon['seconds']:.1f} s); ratio = larger peak / 200 MiB budget",
         },
     ]
+
+
+def _status_mib(pid: int, field: str) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith(field + ":")) / 1024
+
+
+def _daemon_sync_rss(uri: str, work: Path) -> dict[str, float]:
+    """A real ferrymand on a scratch state dir syncs ``uri`` as an NBD source; its VmHWM."""
+    from tests.helpers.daemon import Env, run_cli, running_daemon
+
+    env = Env(work / "daemon")
+
+    def cli(*args: str) -> Any:
+        r = run_cli(env, *args, "--json", timeout=900)
+        if r.returncode != 0:
+            raise RuntimeError(f"ferryman {' '.join(args)}: {r.stdout} {r.stderr}")
+        return json.loads(r.stdout)
+
+    with running_daemon(env, "--no-probe") as d:
+        pid = d.proc.pid
+        cli("source", "add", "bench", "--kind", "nbd", "--uri", uri, "--param", "name=big")
+        cli("discover", "bench", "--wait")
+        cli("protect", "big")
+        idle = _status_mib(pid, "VmRSS")
+        t0 = time.monotonic()
+        job = cli("sync", "big", "--wait")
+        seconds = time.monotonic() - t0
+        if job.get("state") != "succeeded":
+            raise RuntimeError(f"daemon sync did not succeed: {job}")
+        peak = _status_mib(pid, "VmHWM")
+    return {"peak_mib": peak, "idle_mib": idle, "seconds": seconds}
 
 
 def bench_incremental(work: Path) -> list[dict[str, Any]]:
