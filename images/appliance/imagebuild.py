@@ -15,7 +15,14 @@ and a build must be repeatable. Every download is cached under
    ``customize.sh``) and a Ferryman release installed from the wheelhouse (the same
    ``ferryman-update`` code that applies update bundles on the appliance), then
    ``mkfs.ext4 -d`` makes the root file system natively, and one libguestfs launch installs GRUB.
-   The key hashes every input: the rootfs, the wheelhouse, Ferryman's sources and the recipe.
+
+Cache keys are content hashes, never a version to bump by hand: a stage's key hashes the path,
+executable bit and bytes of every file git tracks among its inputs (``git ls-files``, as they
+are in the working tree), so any change to an input rebuilds the stage and everything after it.
+The rootfs hashes the package lists, ``rootfs.sh`` and this file; the image hashes the rootfs
+and wheelhouse keys, every tracked file of ``images/appliance/`` and Ferryman's sources
+(``pyproject.toml``, ``appliance/``, ``store/``, ``tui/``). The Ferryman wheel is built from
+exactly those tracked files, so an untracked scratch file neither changes the key nor ships.
 
 ``build()`` returns the image path and writes ``<image>.json`` with the size and the versions
 inside. ``bundle()`` builds an offline update bundle (wheels + manifest + sha256 sidecar).
@@ -46,11 +53,13 @@ SUITE = "bookworm"
 DISK_SIZE = 16 * 1024**3  # virtual; the qcow2 stays small. The volume store wants a data disk.
 ROOT_UUID = "f3e1a7c2-6b1d-4c5e-9a8f-0000000000a1"  # fixed: reproducible images, known fstab
 PART_START = 2048  # sectors
-# Bump when a change to this file alters the images it makes.
-LAYOUT_VERSION = 1
-# Sources of the Ferryman wheel (what the project's package-data ships).
+# Inputs of each stage, relative to the repository (directories: every tracked file in them).
 PROJECT_DIRS = ("appliance", "store", "tui")
-PROJECT_SUFFIXES = (".py", ".tcss", ".json", ".sql", ".typed")
+PROJECT_INPUTS = ("pyproject.toml", *PROJECT_DIRS)
+ROOTFS_INPUTS = tuple(
+    f"images/appliance/{n}" for n in ("packages.txt", "packages.lock", "rootfs.sh", "imagebuild.py")
+)
+RECIPE_INPUTS = ("images/appliance",)
 
 
 class BuildError(Exception):
@@ -98,17 +107,39 @@ def _sha(*parts: bytes) -> str:
     return h.hexdigest()[:16]
 
 
-def _hash_tree(root: Path, paths: list[Path], suffixes: tuple[str, ...] | None = None) -> str:
+def tracked_files(paths: tuple[str, ...]) -> list[Path]:
+    """Every file git tracks under ``paths`` (repository-relative), plus any of ``paths`` that
+    is itself a file (tracked or not: a first build writes the lock files before their commit)."""
+    r = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-z", "--", *paths],
+        capture_output=True,
+        check=False,
+    )
+    if r.returncode != 0:
+        raise BuildError(
+            f"git ls-files failed in {REPO} ({r.stderr.decode(errors='replace').strip()[:200]}); "
+            "the appliance is built from a git checkout of Ferryman"
+        )
+    names = {n for n in r.stdout.decode().split("\0") if n}
+    names |= {p for p in paths if (REPO / p).is_file()}
+    return [REPO / n for n in sorted(names)]
+
+
+def content_key(paths: tuple[str, ...]) -> str:
+    """Hash of the tracked files under ``paths`` as they are in the working tree: path,
+    executable bit and bytes (a symlink by its target; a tracked file deleted from the working
+    tree by its absence)."""
     h = hashlib.sha256()
-    for p in paths:
-        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
-        for f in files:
-            if "__pycache__" in f.parts or (suffixes and not f.name.endswith(suffixes)):
-                continue
-            h.update(str(f.relative_to(root)).encode() + b"\0")
-            h.update(f.read_bytes() + b"\0")
-            if os.access(f, os.X_OK):
-                h.update(b"x")
+    for f in tracked_files(paths):
+        h.update(str(f.relative_to(REPO)).encode() + b"\0")
+        if f.is_symlink():
+            h.update(b"link:" + os.readlink(f).encode())
+        elif f.is_file():
+            h.update(b"x" if os.access(f, os.X_OK) else b"-")
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+        else:
+            h.update(b"deleted")
+        h.update(b"\0")
     return h.hexdigest()[:16]
 
 
@@ -182,13 +213,7 @@ def lock_path() -> Path:
 
 
 def rootfs_key() -> str:
-    parts = [
-        (HERE / "packages.txt").read_bytes(),
-        lock_path().read_bytes() if lock_path().exists() else b"",
-        (HERE / "rootfs.sh").read_bytes(),
-        repr((SUITE, LAYOUT_VERSION)).encode(),
-    ]
-    return _sha(*parts)
+    return _sha(content_key(ROOTFS_INPUTS).encode(), SUITE.encode())
 
 
 def rootfs_tarball(*, refresh: bool = False) -> Path:
@@ -381,9 +406,7 @@ def wheelhouse() -> Path:
 
 
 def project_key() -> str:
-    return _hash_tree(
-        REPO, [REPO / "pyproject.toml", *(REPO / d for d in PROJECT_DIRS)], PROJECT_SUFFIXES
-    )
+    return content_key(PROJECT_INPUTS)
 
 
 def project_version() -> str:
@@ -402,9 +425,11 @@ def project_wheel(dest: Path, logf: Path, version: str | None = None) -> Path:
     """
     src = dest / "src"
     src.mkdir(parents=True)
-    shutil.copy2(REPO / "pyproject.toml", src)
-    for d in PROJECT_DIRS:
-        shutil.copytree(REPO / d, src / d, ignore=shutil.ignore_patterns("__pycache__"))
+    # Exactly the files project_key() hashes: the tracked ones, as they are in the working tree.
+    for f in tracked_files(PROJECT_INPUTS):
+        if f.exists():
+            (src / f.relative_to(REPO)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, src / f.relative_to(REPO), follow_symlinks=False)
     if version:
         old = project_version()
         for rel, before, after in (
@@ -491,10 +516,7 @@ def bundle(out_dir: Path, *, release: str | None = None, version: str | None = N
 
 
 def recipe_key() -> str:
-    return _hash_tree(
-        HERE,
-        [HERE / "overlay", HERE / "customize.sh", HERE / "rootfs.sh", Path(__file__).resolve()],
-    )
+    return content_key(RECIPE_INPUTS)
 
 
 def image_key() -> str:
@@ -503,8 +525,18 @@ def image_key() -> str:
         deps_key().encode(),
         project_key().encode(),
         recipe_key().encode(),
-        repr((LAYOUT_VERSION, DISK_SIZE, ROOT_UUID)).encode(),
     )
+
+
+def keys() -> dict[str, str]:
+    """Every cache key, for the build report and ``build --keys``."""
+    return {
+        "rootfs": rootfs_key(),
+        "wheels": deps_key(),
+        "ferryman_sources": project_key(),
+        "recipe": recipe_key(),
+        "image": image_key(),
+    }
 
 
 def image_path() -> Path:
@@ -584,6 +616,7 @@ def _make_tree(tree: Path, logf: Path) -> dict[str, object]:
     versions = _versions(tree, logf)
     info = {
         "image_key": image_key(),
+        "keys": keys(),
         "built": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "ferryman": {"version": project_version(), "release": release_id()},
         **versions,
