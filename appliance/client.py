@@ -143,6 +143,36 @@ class Client:
         }
         return dict(self._call("POST", "/v1/sources", json=body))
 
+    def update_source(
+        self,
+        name: str,
+        *,
+        new_name: str | None = None,
+        uri: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        params: dict[str, Any] | None = None,
+        throttle_bps: int | None = None,
+        clear_throttle: bool = False,
+        thumbprint: str | None = None,
+        insecure: bool | None = None,
+        test: bool = True,
+    ) -> dict[str, Any]:
+        """Change only what is given (None keeps it); returns the source and 'changed'."""
+        body = {
+            "name": new_name,
+            "uri": uri,
+            "username": username,
+            "password": password,
+            "params": params,
+            "throttle_bps": throttle_bps,
+            "clear_throttle": clear_throttle,
+            "thumbprint": thumbprint,
+            "insecure": insecure,
+            "test": test,
+        }
+        return dict(self._call("PATCH", f"/v1/sources/{name}", json=body))
+
     def ssh_host_key(self, uri: str) -> dict[str, Any]:
         return dict(self._call("GET", "/v1/ssh-probe", params={"uri": uri}))
 

@@ -164,6 +164,12 @@ def _manifest_path(chain: DiskChain, point: str) -> Path:
     return chain.dir / f"{point}.manifest.json"
 
 
+def effective_throttle(caps: dict[str, int | None]) -> int | None:
+    """The lowest cap that is set; None = no throttle."""
+    set_ = [c for c in caps.values() if c]
+    return min(set_) if set_ else None
+
+
 def run_sync(ctx: JobContext) -> dict[str, Any]:
     db = ctx.db
     assert ctx.machine_id is not None
@@ -248,8 +254,18 @@ def _sync(
     for line in reconcile(db, m["id"], chains):
         ctx.event(f"{m['name']}: {line}", level="warning")
     prev_disks = {d["disk_key"]: d for d in (prev["disks"] if prev else [])}
-    throttle = Throttle(m["throttle_bps"])
-    ctx.on_live = lambda v: throttle.set_rate(v.get("throttle_bps"))
+    # The lower of the machine's own throttle and its source's (a cap on every sync from
+    # that source); either changes while the sync runs.
+    caps = {"machine": m["throttle_bps"], "source": (src.get("params") or {}).get("throttle_bps")}
+    throttle = Throttle(effective_throttle(caps))
+
+    def on_live(v: dict[str, Any]) -> None:
+        for key, cap in (("throttle_bps", "machine"), ("source_throttle_bps", "source")):
+            if key in v:
+                caps[cap] = v[key]
+        throttle.set_rate(effective_throttle(caps))
+
+    ctx.on_live = on_live
     sync_no = (
         db.execute("SELECT count(*) FROM restore_points WHERE machine_id=?", [m["id"]]).fetchone()[
             0

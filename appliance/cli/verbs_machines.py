@@ -123,6 +123,31 @@ def source_hostkey(args: argparse.Namespace) -> Output:
         k = c.ssh_host_key(args.uri)
     text = (
         f"{k['host']}:{k['port']} presents\n  {k['fingerprint']}\n"
+def source_edit(args: argparse.Namespace) -> Output:
+    params: dict[str, Any] = _params(args.param)
+    params.update({k: None for k in args.unset_param})
+    with Client() as c:
+        password = None
+        if args.password_file or args.password_stdin:  # an agent's key file is read whole
+            kind = next((s["kind"] for s in c.sources() if s["name"] == args.name), "")
+            password = _password(argparse.Namespace(**{**vars(args), "kind": kind}))
+        s = c.update_source(
+            args.name,
+            new_name=args.rename,
+            uri=args.uri,
+            username=args.user,
+            password=password,
+            params=params or None,
+            throttle_bps=args.throttle,
+            clear_throttle=args.no_throttle,
+            thumbprint=args.thumbprint,
+            insecure=args.insecure,
+            test=not args.no_test,
+        )
+    what = ", ".join(s["changed"]) or "nothing (the values given are the current ones)"
+    return Output(s, f"source {s['name']} changed: {what}")
+
+
         "Confirm the fingerprint with the server's administrator (ssh-keygen -lf "
         "/etc/ssh/ssh_host_ed25519_key.pub on the server), then add the source with\n"
         f"  --param host_key='{k['host_key']}'"
@@ -392,6 +417,22 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     msub = mach.add_subparsers(dest="machine_verb", metavar="ACTION")
     p = verb("show", machine_show, "disks, settings, restore points", msub)
     p.add_argument("name")
+    p = verb("edit", source_edit, "change a source in place (tested first)", ssub)
+    p.add_argument("name")
+    p.add_argument("--rename", metavar="NEW_NAME")
+    p.add_argument("--uri", help="a new address: its certificate or host key is asked again")
+    p.add_argument("--user")
+    p.add_argument("--password-file", help="a new password (linux-agent: SSH private key)")
+    p.add_argument("--password-stdin", action="store_true")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--unset-param", action="append", default=[], metavar="KEY")
+    p.add_argument("--throttle", type=parse_rate, help="cap of every sync from it: 50MiB, 100mbit")
+    p.add_argument("--no-throttle", action="store_true")
+    p.add_argument("--thumbprint", help="SHA-256 of the new certificate, confirmed by you")
+    tls = p.add_mutually_exclusive_group()
+    tls.add_argument("--insecure", action="store_true", default=None, help="no TLS check")
+    tls.add_argument("--secure", dest="insecure", action="store_false", help="check TLS again")
+    p.add_argument("--no-test", action="store_true", help="save without reaching the source")
 
     for name, handler, help_ in (
         ("protect", protect, "start protecting a machine"),

@@ -10,6 +10,7 @@ import shutil
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -37,6 +38,23 @@ class SourceRequest(BaseModel):
     thumbprint: str | None = Field(default=None, description="SHA-256 the operator confirmed")
     insecure: bool = False
     test: bool = Field(default=True, description="reach the source before saving")
+
+
+class SourceUpdate(BaseModel):
+    """Only the fields given change; the daemon checks them all and names every bad one."""
+
+    name: str | None = Field(default=None, description="new name")
+    uri: str | None = None
+    username: str | None = None
+    password: str | None = Field(default=None, description="kept encrypted; never returned")
+    params: dict[str, Any] | None = Field(
+        default=None, description="merged into the old ones; null removes a key"
+    )
+    throttle_bps: int | None = Field(default=None, description="cap of every sync from it")
+    clear_throttle: bool = False
+    thumbprint: str | None = Field(default=None, description="SHA-256 the operator confirmed")
+    insecure: bool | None = None
+    test: bool = Field(default=True, description="reach the source with the new settings first")
 
 
 class ProtectRequest(BaseModel):
@@ -89,6 +107,24 @@ def create_app(state: DaemonState) -> FastAPI:
     @app.exception_handler(FerrymanError)
     def _ferryman_error(_: Request, exc: FerrymanError) -> JSONResponse:
         return JSONResponse(status_code=exc.http_status, content=exc.to_dict())
+
+    @app.exception_handler(RequestValidationError)
+    def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """A body of the wrong shape: one line per bad field, as our own checks give."""
+        lines = [
+            f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
+            for e in exc.errors()
+        ]
+        return JSONResponse(
+            status_code=422,
+            content={
+                "code": "invalid",
+                "message": f"{request.method} {request.url.path}: "
+                + ("\n  ".join(["request not accepted", *lines])),
+                "hint": "see the API schema: ferryman api-schema, or /openapi.json",
+                "problems": lines,
+            },
+        )
 
     @app.post("/v1/login")
     def login(request: Request) -> dict[str, Any]:
@@ -169,6 +205,25 @@ def create_app(state: DaemonState) -> FastAPI:
             raise
         state.audit(who, origin, "source.add", params, "ok")
         return src
+
+    @app.patch("/v1/sources/{name}")
+    def edit_source(name: str, req: SourceUpdate, request: Request) -> dict[str, Any]:
+        from appliance.daemon import source_edit
+
+        who, origin = _who(request, "admin", "edit sources")
+        fields = req.model_dump(exclude_none=True, exclude={"password"})
+        params = {"name": name, **fields, **({"password": "***"} if req.password else {})}
+        try:
+            src, changed, moved = source_edit.apply(
+                state.db, state.vault, name, source_edit.Edit(**req.model_dump())
+            )
+        except FerrymanError as e:
+            state.audit(who, origin, "source.edit", params, f"refused: {e.message}")
+            raise
+        state.audit(who, origin, "source.edit", params, f"changed: {', '.join(changed) or '-'}")
+        if changed:
+            state.source_edited(src, changed, moved, who)
+        return {**src, "changed": changed, "endpoint_changed": moved}
 
     @app.post("/v1/sources/{name}/test")
     def test_source(name: str, request: Request) -> dict[str, Any]:

@@ -128,6 +128,23 @@ class DaemonState:
         adapter = adapter_for(self.db, src)
         prepare = getattr(adapter, "protect", None)
         if prepare is not None and not m["protected"]:
+    def source_edited(self, src: dict[str, Any], changed: list[str], moved: bool, who: str) -> None:
+        """An event for the operators, and the new throttle for syncs already running."""
+        level = "warning" if moved or src["insecure"] else "info"
+        note = " (new endpoint)" if moved else ""
+        if src["insecure"]:
+            note += " INSECURE: no certificate check" if src["kind"] == "vsphere" else " no TLS"
+        add_event(
+            self.db,
+            f"source {src['name']} edited by {who}: {', '.join(changed)}{note}",
+            level=level,
+            kind="source",
+        )
+        if "throttle" in changed:
+            ids = self.db.execute("SELECT id FROM machines WHERE source_id=?", [src["id"]])
+            for (mid,) in ids.fetchall():
+                self.runner.set_live(mid, source_throttle_bps=src["params"].get("throttle_bps"))
+
             # vSphere: preflight (snapshots, independent disks, RDMs, storage) refuses with
             # every reason; then CBT is enabled, with the snapshot a running VM needs for it.
             result = prepare(m["ref"])

@@ -4,11 +4,7 @@ daemon then says (jobs, sources, audit)."""
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
 import socket
-import ssl
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +15,7 @@ from textual.widgets import DataTable, Input, Select, Static, TextArea
 from appliance.client import Client
 from tests.datapath_fixtures import NbdkitServer
 from tests.helpers.daemon import Env
+from tests.helpers.tls import self_signed_tls
 from tests.tui.pilot import cells, column, note_titled, notes, text_of, until
 from tui.app import FerrymanApp
 from tui.screens.dialogs import ConfirmDialog, ThumbprintDialog
@@ -197,61 +194,8 @@ async def test_add_nbd_source_discover_filter_protect(
 
 @pytest.fixture
 def tls_server(tmp_path: Path) -> Iterator[tuple[int, str]]:
-    """A TLS endpoint with a self-signed certificate, as a fresh vCenter presents."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vc-test.local")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .sign(key, hashes.SHA256())
-    )
-    (tmp_path / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "k.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen()
-    srv.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except TimeoutError:
-                continue
-            try:
-                with ctx.wrap_socket(conn, server_side=True) as tls:
-                    tls.settimeout(2)
-                    tls.recv(1)
-            except OSError:
-                conn.close()
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    fp = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
-    yield srv.getsockname()[1], fp
-    stop.set()
-    t.join(5)
-    srv.close()
+    with self_signed_tls(tmp_path) as served:
+        yield served
 
 
 async def test_vsphere_first_contact_asks_to_confirm_the_thumbprint(
