@@ -269,6 +269,39 @@ def check_store() -> Check:
     return Check("state store", "ok", f"{db_path}, schema {ver}, integrity ok")
 
 
+def check_vault() -> Check:
+    """How the key that encrypts source passwords is kept, and that it opens."""
+    from appliance.errors import FerrymanError
+    from store.secrets import KEY_NAME, Vault, seal
+
+    v = Vault(paths().db.parent / KEY_NAME)  # as ferrymand finds it
+    part, where = "secret key", v.describe()["where"]
+    if os.geteuid() != 0:
+        return Check(part, "warn", f"{where}; only root can open it", "run doctor as root")
+    if v.backend == "none":
+        try:
+            seal(b"doctor")
+        except FerrymanError as e:
+            return Check(part, "ok", f"{where}; a root-only file ({e.message})")
+        return Check(part, "ok", f"{where}; it will be sealed with systemd-creds (host key)")
+    try:
+        v._key()
+    except FerrymanError as e:
+        return Check(part, "fail", e.message, e.hint or "")
+    if v.backend == "file":
+        try:
+            seal(b"doctor")
+        except FerrymanError as e:
+            return Check(part, "ok", f"{where}, opens; systemd-creds unusable: {e.message}")
+        return Check(
+            part,
+            "warn",
+            f"{where}, opens; systemd-creds works here but does not guard it",
+            "seal it: ferryman store seal-key",
+        )
+    return Check(part, "ok", f"systemd-creds: {where}, opens")
+
+
 def check_daemon() -> Check:
     from appliance.client import Client
     from appliance.errors import FerrymanError
@@ -290,6 +323,7 @@ def run(quick: bool = False) -> list[Check]:
         lambda: [check_kvm(quick)],
         lambda: [check_space()],
         lambda: [check_store()],
+        lambda: [check_vault()],
         lambda: [check_daemon()],
     ]
     out: list[Check] = []

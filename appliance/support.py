@@ -340,7 +340,7 @@ def collect(
                 doctor="full run" if full_doctor else "--quick",
                 store_copy=", state-sanitized.db (no credentials)" if store_copy else "",
                 mib=MAX_LOG_BYTES // 2**20,
-                key=p.state_dir / "secret.key",
+                key=f"{p.state_dir}/secret.key or secret.key.cred",
             ).encode(),
             scrub=False,
         )

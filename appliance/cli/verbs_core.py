@@ -149,6 +149,14 @@ def store_check(args: argparse.Namespace) -> Output:
     )
 
 
+def store_seal_key(args: argparse.Namespace) -> Output:
+    from store.secrets import KEY_NAME, Vault
+
+    v = Vault(paths().db.parent / KEY_NAME)
+    msg = v.seal_existing()
+    return Output({**v.describe(), "message": msg}, msg)
+
+
 def audit_verify(args: argparse.Namespace) -> Output:
     from store.db import open_readonly
     from store.records import audit_verify as verify
@@ -204,6 +212,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = verb("backup", store_backup, "consistent copy of the store (safe while running)", ssub)
     p.add_argument("file")
     verb("check", store_check, "integrity check of the store", ssub)
+    verb("seal-key", store_seal_key, "seal the secret key file with systemd-creds (root)", ssub)
 
     au = sub.add_parser("audit", help="the audit trail", parents=[common])
     asub = au.add_subparsers(dest="audit_verb", metavar="ACTION")

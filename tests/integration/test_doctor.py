@@ -29,6 +29,7 @@ PARTS = {
     "accelerator",
     "volume store space",
     "state store",
+    "secret key",
     "ferrymand",
 }
 
