@@ -341,6 +341,18 @@ class Client:
     def cutover_confirm(self, run_id: int, step: str) -> dict[str, Any]:
         return dict(self._call("POST", f"/v1/cutovers/{run_id}/confirm", json={"step": step}))
 
+    def cutover_approve(self, run_id: int, confirm: str) -> dict[str, Any]:
+        """A second operator approves a cutover; ``confirm`` is the plan's name as typed."""
+        body = {"confirm": confirm}
+        return dict(self._call("POST", f"/v1/cutovers/{run_id}/approve", json=body))
+
+    def cutover_policy(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/cutover-policy"))
+
+    def set_cutover_policy(self, *, two_operators: bool) -> dict[str, Any]:
+        body = {"two_operators": two_operators}
+        return dict(self._call("PUT", "/v1/cutover-policy", json=body))
+
     def cutover_rollback_run(self, run_id: int) -> dict[str, Any]:
         return dict(self._call("POST", f"/v1/cutovers/{run_id}/rollback"))
 

@@ -11,6 +11,8 @@ ferryman testrun report RUN [--format text|json] [--output FILE]
 ferryman cutover start PLAN [--mode guided|step] [--shutdown-timeout 5m]
 ferryman cutover confirm RUN STEP [--wait]
 ferryman cutover rollback RUN [--wait]
+ferryman cutover approve RUN [--confirm PLAN]   (a second operator, when the policy asks)
+ferryman cutover policy [--two-operators on|off]
 ferryman cutover status RUN | list
 """
 
@@ -199,6 +201,8 @@ def _cutover_text(r: dict[str, Any], c: Client) -> str:
     text = c.cutover_report_text(r["id"])
     if r.get("confirm"):
         text += f"\nnext: {r['next']}   confirm with: {r['confirm']}"
+    if r.get("waiting_for"):
+        text += f"\nwaiting for {r['waiting_for']}"
     return text
 
 
@@ -235,6 +239,30 @@ def cutover_rollback(args: argparse.Namespace) -> Output:
             r = _wait_cutover(c, args.run, args.timeout)
             return Output(r, _cutover_text(r, c), 0 if r["state"] == "rolled-back" else 1)
         return Output(r, f"cutover {args.run}: rollback started (job {r['job']['id']})")
+
+
+def cutover_approve(args: argparse.Namespace) -> Output:
+    with Client() as c:
+        typed = args.confirm
+        if typed is None:
+            run = c.cutover_status(args.run)
+            typed = input(f"approve cutover {args.run}: type the plan's name ({run['plan']}): ")
+        r = c.cutover_approve(args.run, typed.strip())
+        return Output(
+            r,
+            f"cutover {args.run} of {r['plan']} approved by {r['approval']['approved_by']} "
+            f"(requested by {r['approval']['requested_by']}); next: {r['confirm']}",
+        )
+
+
+def cutover_policy(args: argparse.Namespace) -> Output:
+    with Client() as c:
+        if args.two_operators is None:
+            r = c.cutover_policy()
+        else:
+            r = c.set_cutover_policy(two_operators=args.two_operators == "on")
+    word = "needs a second operator's approval" if r["two_operators"] else "needs one operator"
+    return Output(r, f"a cutover {word}")
 
 
 def cutover_status(args: argparse.Namespace) -> Output:
@@ -327,6 +355,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = verb(co, "rollback", cutover_rollback, "discard the target, start the sources again")
     p.add_argument("run", type=int)
     waiting(p)
+    p = verb(co, "approve", cutover_approve, "a second operator approves a cutover")
+    p.add_argument("run", type=int)
+    p.add_argument("--confirm", metavar="PLAN", help="the plan's name (asked when left out)")
+    p = verb(co, "policy", cutover_policy, "show or set: cutover needs two operators")
+    p.add_argument("--two-operators", choices=["on", "off"], help="admin only")
     p = verb(co, "status", cutover_status, "steps, timings, downtime, what comes next")
     p.add_argument("run", type=int)
     p = verb(co, "list", cutover_list, "cutovers, newest first")

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from appliance.daemon import auth
 from appliance.daemon.state import DaemonState
 from appliance.errors import FerrymanError
-from appliance.plans import cutover, records, report, testrun
+from appliance.plans import approval, cutover, records, report, testrun
 from appliance.plans.generate import new_plan
 from appliance.plans.model import Inventory, validate
 from appliance.plans.schema import SCHEMA
@@ -44,6 +44,14 @@ class CutoverRequest(RunRequest):
         "step: every step waits for its confirmation",
     )
     shutdown_timeout_s: float = Field(default=300.0, ge=5, le=3600)
+
+
+class ApproveRequest(BaseModel):
+    confirm: str = Field(description="the plan's name, typed by the approving operator")
+
+
+class PolicyRequest(BaseModel):
+    two_operators: bool = Field(description="a cutover waits for a second operator's approval")
 
 
 class StepRequest(BaseModel):
@@ -187,6 +195,25 @@ def build_router(state: DaemonState) -> APIRouter:
             return cutover.confirm(state.db, state.runner, run_id, req.step, who, origin)
 
         return dict(audited(request, "cutover.confirm", {"run": run_id, "step": req.step}, go))
+
+    @r.post("/v1/cutovers/{run_id}/approve")
+    def approve(run_id: int, req: ApproveRequest, request: Request) -> dict[str, Any]:
+        def go(who: str, _o: str) -> dict[str, Any]:
+            approval.approve(state.db, cutover.status(state.db, run_id), who, req.confirm)
+            return cutover.status(state.db, run_id)
+
+        return dict(audited(request, "cutover.approve", {"run": run_id}, go))
+
+    @r.get("/v1/cutover-policy")
+    def get_policy() -> dict[str, Any]:
+        return approval.policy(state.db)
+
+    @r.put("/v1/cutover-policy")
+    def put_policy(req: PolicyRequest, request: Request) -> dict[str, Any]:
+        c = auth.authorize(request, "admin", "change the cutover policy")
+        out = approval.set_two_operators(state.db, req.two_operators)
+        state.audit(c.user, c.origin, "cutover.policy", req.model_dump(), "ok")
+        return out
 
     @r.post("/v1/cutovers/{run_id}/rollback", status_code=202)
     def rollback(run_id: int, request: Request) -> dict[str, Any]:

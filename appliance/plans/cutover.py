@@ -40,7 +40,7 @@ from appliance.config import paths
 from appliance.daemon.jobs import JobContext, JobRunner, Progress
 from appliance.datapath.chain import DiskChain
 from appliance.errors import Cancelled, FerrymanError
-from appliance.plans import records, virt
+from appliance.plans import approval, records, virt
 from appliance.plans.errors import CutoverRefused, RunError
 from appliance.plans.model import Inventory, Plan, check_document
 from appliance.plans.runner import PlanRun
@@ -281,6 +281,7 @@ def start(
         "resources": {"domains": [], "networks": [], "readers": [], "overlays": [], "dir": None},
         "sources": {},
         "points": {},
+        "approval": approval.initial(db, who),
     }
     records.update_run(db, run_id, report=rep)
     return status(db, run_id)
@@ -297,7 +298,7 @@ def status(db: Database, run_id: int) -> dict[str, Any]:
         if rep.get("next") and run["state"] in ("awaiting", "failed", "interrupted")
         else None
     )
-    return run
+    return approval.annotate(run)
 
 
 def confirm(
@@ -317,6 +318,7 @@ def confirm(
             f"cutover {run_id} waits for '{rep.get('next')}', not '{step}'",
             hint=f"confirm it: ferryman cutover confirm {run_id} {rep.get('next')}",
         )
+    approval.check_approved(run)
     records.update_run(db, run_id, state="running", step=step)
     try:
         job = runner.submit("cutover", params={"run": run_id, "step": step}, who=who, origin=origin)

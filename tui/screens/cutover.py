@@ -136,6 +136,14 @@ class CutoverScreen(FerrymanScreen):
                 f"n starts a cutover of {self.plan}: the preflight runs; nothing is "
                 "stopped before you confirm stop-source."
             )
+        elif run.get("waiting_for"):
+            who = (run.get("approval") or {}).get("requested_by")
+            t.append(
+                f"Cutover {run['id']}: waiting for approval by a second operator "
+                f"(requested by {who}). ",
+                style="bold",
+            )
+            t.append("Another operator presses n here and types the plan name. b rolls back.")
         elif nxt:
             state = "failed; n repeats it" if run["state"] == "failed" else "waits for you: n"
             t.append(f"Cutover {run['id']}: {nxt} {state}. ", style="bold")
@@ -167,6 +175,18 @@ class CutoverScreen(FerrymanScreen):
                 lambda yes: self.send_start(plan) if yes else None,
             )
             return
+        if run.get("waiting_for"):
+            who = (run.get("approval") or {}).get("requested_by")
+            self.app.push_screen(
+                ConfirmDialog(
+                    f"Approve the cutover of {plan}",
+                    f"{who} asked for it; a second operator (not {who}) approves it.",
+                    "Approve",
+                    type_to_confirm=plan,
+                ),
+                lambda yes: self.send_approval(int(run["id"]), plan) if yes else None,
+            )
+            return
         step = next_step(run)
         if step is None:
             self.notify(f"{run['step']} is still running", title="Nothing to confirm")
@@ -194,6 +214,23 @@ class CutoverScreen(FerrymanScreen):
         self.post_message(
             ActionDone(
                 f"cutover {run['id']} of {plan} started", f"preflight done; next: {run.get('next')}"
+            )
+        )
+        self.app.call_from_thread(self.load)
+
+    @work(
+        thread=True,
+        exclusive=True,
+        exit_on_error=False,
+        group="action",
+        name="Approving the cutover",
+    )
+    def send_approval(self, run_id: int, plan: str) -> None:
+        run = self.services.client.cutover_approve(run_id, plan)
+        self.post_message(
+            ActionDone(
+                f"cutover {run_id} approved by {run['approval']['approved_by']}",
+                f"next: {run.get('next')}",
             )
         )
         self.app.call_from_thread(self.load)
