@@ -409,3 +409,24 @@ class Client:
         raise NotFound(
             f"no open cutover of plan '{plan}'", hint=f"start one: ferryman cutover start {plan}"
         )
+
+    # -- evidence packs ------------------------------------------------------------------------
+
+    def evidence_packs(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/evidence"))
+
+    def evidence_key(self) -> dict[str, Any]:
+        """This appliance's public signing key and its SHA-256 fingerprint."""
+        return dict(self._call("GET", "/v1/evidence/key"))
+
+    def evidence_pack(self, run_id: int) -> bytes:
+        """The pack's bytes exactly as the daemon wrote and signed them."""
+        url = f"/v1/evidence/{run_id}"
+        try:
+            r = self._http.get(url)
+        except httpx.HTTPError:
+            self._call("GET", url)  # raises the error that names the socket
+            raise
+        if r.status_code >= 400:
+            self._call("GET", url)  # raises the API's error
+        return r.content

@@ -60,7 +60,13 @@ def verb_adder(sub: Any, common: argparse.ArgumentParser) -> Callable[..., argpa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from appliance.cli import verbs_core, verbs_machines, verbs_plans, verbs_support
+    from appliance.cli import (
+        verbs_core,
+        verbs_evidence,
+        verbs_machines,
+        verbs_plans,
+        verbs_support,
+    )
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output")
@@ -71,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ferryman {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
-    for module in (verbs_core, verbs_machines, verbs_plans, verbs_support):
+    for module in (verbs_core, verbs_machines, verbs_plans, verbs_support, verbs_evidence):
         module.register(sub, common)
     return parser
 

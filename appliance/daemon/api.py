@@ -388,7 +388,9 @@ def create_app(state: DaemonState) -> FastAPI:
             )
         return verdict
 
+    from appliance.daemon.evidence_api import build_router as evidence_router
     from appliance.plans.api import build_router
 
     app.include_router(build_router(state))
+    app.include_router(evidence_router())
     return app
