@@ -251,6 +251,60 @@ class Client:
         body = {"overlay": overlay, "backend": backend}
         return dict(self._call("POST", f"/v1/restore-points/{rp_id}/convert", json=body))
 
+    # -- seeds (removable media) -------------------------------------------------------------
+
+    def seed_export(
+        self,
+        machine: str,
+        to: str,
+        *,
+        point: int | None = None,
+        key_file: str | None = None,
+        passphrase_file: str | None = None,
+        chunk_size: int | None = None,
+    ) -> dict[str, Any]:
+        """Start a seed-export job. Key and passphrase travel as file paths, never values."""
+        body: dict[str, Any] = {
+            "machine": machine,
+            "to": to,
+            "point": point,
+            "key_file": key_file,
+            "passphrase_file": passphrase_file,
+        }
+        if chunk_size:
+            body["chunk_size"] = chunk_size
+        return dict(self._call("POST", "/v1/seeds/export", json=body))
+
+    def seed_import(
+        self,
+        directory: str,
+        *,
+        machine: str | None = None,
+        key_file: str | None = None,
+        passphrase_file: str | None = None,
+    ) -> dict[str, Any]:
+        body = {
+            "dir": directory,
+            "machine": machine,
+            "key_file": key_file,
+            "passphrase_file": passphrase_file,
+        }
+        return dict(self._call("POST", "/v1/seeds/import", json=body))
+
+    def seed_verify(
+        self, directory: str, *, key_file: str | None = None, passphrase_file: str | None = None
+    ) -> dict[str, Any]:
+        body = {"dir": directory, "key_file": key_file, "passphrase_file": passphrase_file}
+        return dict(self._call("POST", "/v1/seeds/verify", json=body))
+
+    def seed_show(self, directory: str) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/seeds", params={"dir": directory}))
+
+    def convert_preview(self, rp_id: int, backend: str | None = None) -> dict[str, Any]:
+        """Convert onto a throw-away overlay the daemon deletes at the end: does it convert?"""
+        body = {"preview": True, "backend": backend}
+        return dict(self._call("POST", f"/v1/restore-points/{rp_id}/convert", json=body))
+
     def audit(self, limit: int = 200) -> list[dict[str, Any]]:
         return list(self._call("GET", "/v1/audit", params={"limit": limit}))
 

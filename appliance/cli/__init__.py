@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         verbs_evidence,
         verbs_machines,
         verbs_plans,
+        verbs_seed,
         verbs_support,
     )
 
@@ -77,7 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ferryman {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
-    for module in (verbs_core, verbs_machines, verbs_plans, verbs_support, verbs_evidence):
+    for module in (
+        verbs_core,
+        verbs_machines,
+        verbs_plans,
+        verbs_support,
+        verbs_seed,
+        verbs_evidence,
+    ):
         module.register(sub, common)
     return parser
 

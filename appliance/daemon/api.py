@@ -393,4 +393,7 @@ def create_app(state: DaemonState) -> FastAPI:
 
     app.include_router(build_router(state))
     app.include_router(evidence_router())
+    from appliance.daemon import api_seeds
+
+    app.include_router(api_seeds.build_router(state))
     return app

@@ -65,6 +65,24 @@ def _convert(ctx: JobContext) -> dict[str, Any]:
     return conversion_jobs.run_convert(ctx)
 
 
+def _seed_export(ctx: JobContext) -> dict[str, Any]:
+    from appliance import seeding
+
+    return seeding.run_export(ctx)
+
+
+def _seed_import(ctx: JobContext) -> dict[str, Any]:
+    from appliance import seeding
+
+    return seeding.run_import(ctx)
+
+
+def _seed_verify(ctx: JobContext) -> dict[str, Any]:
+    from appliance import seeding
+
+    return seeding.run_verify(ctx)
+
+
 def all_specs() -> list[JobSpec]:
     from appliance.plans import jobs as plan_jobs
 
@@ -95,6 +113,26 @@ def all_specs() -> list[JobSpec]:
             resumable=True,
             needs_machine=True,
             description="copy a machine's changed blocks into a new restore point",
+        ),
+        JobSpec(
+            "seed-export",
+            _seed_export,
+            resumable=True,
+            description="write a restore point to removable media as an encrypted seed "
+            "(no machine lock: syncs go on)",
+        ),
+        JobSpec(
+            "seed-import",
+            _seed_import,
+            resumable=True,
+            needs_machine=True,
+            description="make a seed the machine's first restore point",
+        ),
+        JobSpec(
+            "seed-verify",
+            _seed_verify,
+            resumable=True,
+            description="read and check every chunk of a seed",
         ),
         JobSpec(
             "verify",

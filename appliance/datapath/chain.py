@@ -62,9 +62,10 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: str) -> None:
+def _write_atomic(path: Path, data: str | bytes) -> None:
+    """Temporary name, fsync, rename, fsync the directory: the file is whole or absent."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
+    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

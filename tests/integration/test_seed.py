@@ -1,0 +1,232 @@
+"""Seeding over removable media, between two real appliances.
+
+Appliance A (the source site) and appliance B (the target site) are two ferrymand daemons
+with their own stores and volume stores. The source is a qcow2 served by qemu-nbd with a
+persistent dirty bitmap (b0), so an incremental is truly incremental: it reads only what the
+bitmap marks. A syncs in full and exports a seed; one flipped byte makes B refuse it naming
+the chunk; the clean seed becomes B's first restore point, equal to the source block for
+block; B's next sync reads and writes only what changed at the source since the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.seeding import SeedError, open_seed
+from appliance.units import MiB
+from tests.helpers.daemon import Daemon, Env, run_cli, running_daemon
+from tests.helpers.nbdsrc import Export, assert_equal, cli, point_path, register
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+CHUNK = 4 * MiB
+
+
+def qemu_io(img: Path, *cmds: str) -> None:
+    args = [a for c in cmds for a in ("-c", c)]
+    subprocess.run(["qemu-io", "-f", "qcow2", *args, str(img)], check=True, capture_output=True)
+
+
+@pytest.fixture
+def tracked(tmp_path: Path) -> Iterator[Export]:
+    """32 MiB qcow2: data in chunks 0, 2 and 5 (of 4 MiB), the rest never written; the
+    bitmap b0 starts before the first sync."""
+    img = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), str(32 * MiB)], check=True)
+    qemu_io(img, f"write -P 0x11 0 {3 * MiB}", f"write -P 0x12 {9 * MiB} {MiB}")
+    qemu_io(img, f"write -P 0x13 {20 * MiB} {2 * MiB}")
+    subprocess.run(["qemu-img", "bitmap", "--add", str(img), "b0"], check=True)
+    exp = Export(img, tmp_path / "src.sock", fmt="qcow2", bitmap="b0")
+    exp.start()
+    yield exp
+    exp.stop()
+
+
+@pytest.fixture
+def sites(tmp_path: Path) -> Iterator[tuple[Env, Env]]:
+    a, b = Env(tmp_path / "a"), Env(tmp_path / "b")
+    with running_daemon(a, "--no-probe"), running_daemon(b, "--no-probe"):
+        yield a, b
+
+
+def export(env: Env, seed: Path, key: Path, chunk: str, *extra: str) -> dict:  # type: ignore[type-arg]
+    return cli(
+        env,
+        "seed",
+        "export",
+        "web01",
+        "--to",
+        str(seed),
+        "--key-file",
+        str(key),
+        "--chunk-size",
+        chunk,
+        *extra,
+    )
+
+
+def fails(env: Env, *args: str) -> str:
+    r = run_cli(env, *args, timeout=300)
+    assert r.returncode != 0, f"{args} succeeded: {r.stdout}"
+    return (r.stdout + r.stderr).strip()
+
+
+def test_seed_export_corrupt_refused_clean_imports_then_incremental(
+    sites: tuple[Env, Env], tracked: Export, tmp_path: Path
+) -> None:
+    a, b = sites
+    key = tmp_path / "web01.key"
+    cli(a, "seed", "keygen", str(key))
+    assert key.stat().st_mode & 0o077 == 0
+
+    # Site A: full sync, then the seed (chunks of 4 MiB: 3 hold data, 5 are zero).
+    register(a, tracked, "--param", "bitmap=b0")
+    full = cli(a, "sync", "web01", "--wait")["result"]
+    assert full["full"] is True
+    seed = tmp_path / "media" / "web01"
+    t0 = time.monotonic()
+    job = export(a, seed, key, "4MiB", "--wait")
+    export_s = time.monotonic() - t0
+    res = job["result"]
+    assert job["state"] == "succeeded", job
+    assert (res["chunks_written"], res["chunks_zero"]) == (3, 5), res
+    assert sorted(p.name for p in (seed / "disk0").iterdir()) == [
+        "000000.chunk",
+        "000002.chunk",
+        "000005.chunk",
+    ]
+    header = json.loads((seed / "seed.json").read_text())
+    assert header["state"] == "complete" and header["data_bytes"] == 3 * CHUNK
+    # Encrypted: the source's byte pattern appears nowhere on the media.
+    for f in (seed / "disk0").iterdir():
+        assert b"\x11" * 64 not in f.read_bytes() and b"\x13" * 64 not in f.read_bytes()
+    sums = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=seed, capture_output=True)
+    assert sums.returncode == 0, sums.stdout
+
+    # Site B: the same source over the "thin link", discovered, no restore point yet.
+    register(b, tracked, "--param", "bitmap=b0")
+    shown = cli(b, "seed", "show", str(seed))  # no key needed
+    assert shown["state"] == "complete" and shown["machine"]["name"] == "web01", shown
+    assert shown["chunk_files"] == 3 and shown["point"]["id"] == header["point"]["id"]
+    with b.client() as c:
+        assert c.seed_show(str(seed))["seed_id"] == header["seed_id"]
+    bad = tmp_path / "media-bad" / "web01"
+    shutil.copytree(seed, bad)
+    victim = bad / "disk0" / "000002.chunk"
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    victim.write_bytes(bytes(raw))
+    line = fails(b, "seed", "import", str(bad), "--key-file", str(key), "--wait")
+    assert len(line.splitlines()) == 1, line
+    assert "disk0/000002.chunk" in line and "offset 8388608" in line and "corrupt" in line, line
+    assert "copy that file again" in line, line
+    print(line)
+    assert cli(b, "points", "web01") == []  # no half-made restore point
+
+    # A missing chunk is refused before anything is read, named the same way.
+    (bad / "disk0" / "000005.chunk").unlink()
+    line = fails(b, "seed", "import", str(bad), "--key-file", str(key), "--wait")
+    assert "disk0/000005.chunk" in line and "missing" in line and "20971520" in line, line
+    # The wrong key opens nothing.
+    other = tmp_path / "other.key"
+    cli(b, "seed", "keygen", str(other))
+    line = fails(b, "seed", "import", str(seed), "--key-file", str(other), "--wait")
+    assert "does not open the seed" in line, line
+    assert cli(b, "points", "web01") == []
+
+    # The clean seed: resumes after the chunk the corrupt copy stopped at.
+    t0 = time.monotonic()
+    job = cli(b, "seed", "import", str(seed), "--key-file", str(key), "--wait")
+    import_s = time.monotonic() - t0
+    res = job["result"]
+    assert job["state"] == "succeeded", job
+    assert res["bytes_skipped_resume"] == 2 * CHUNK, res  # chunks 0 and 1 were durable
+    assert res["bytes_written"] == 2 * CHUNK, res  # chunks 2 and 5
+    p1, rp1 = point_path(b, "web01")
+    assert rp1["full"] == 1 and rp1["parent_id"] is None and rp1["verified"] == "ok"
+    assert rp1["token"]["kind"] == "nbd"
+    tracked.stop()
+    assert_equal(tracked.img, p1, fmt="qcow2")
+
+    # Changes at the source after the seed: 1 MiB + 64 KiB.
+    qemu_io(tracked.img, f"write -P 0x44 {12 * MiB} {MiB}", f"write -P 0x45 {28 * MiB} 65536")
+    tracked.start()
+    inc = cli(b, "sync", "web01", "--wait")["result"]
+    changed = MiB + 65536
+    assert inc["full"] is False, inc
+    assert changed <= inc["bytes_written"] <= changed + 128 * 1024, inc
+    assert inc["bytes_read"] <= changed + 128 * 1024, inc
+    p2, rp2 = point_path(b, "web01")
+    assert rp2["parent_id"] == rp1["id"]
+    tracked.stop()
+    assert_equal(tracked.img, p2, fmt="qcow2")
+    con = sqlite3.connect(b.db)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    print(f"export {export_s:.1f} s, import {import_s:.1f} s, incremental {inc}")
+
+
+def test_export_killed_midway_resumes_without_recopying(fm_env: Env, tmp_path: Path) -> None:
+    """kill -9 of ferrymand in the middle of an export: the next daemon resumes the job,
+    keeps every chunk already on the media (same file, untouched) and completes."""
+    img = tmp_path / "big.raw"
+    with open(img, "wb") as f:
+        for i in range(256):
+            f.write(bytes([i % 250 + 1]) * MiB)
+    src = Export(img, tmp_path / "big.sock")
+    src.start()
+    key = tmp_path / "k"
+    key.write_bytes(bytes(range(32)))  # a raw 32-byte key file works too
+    seed = tmp_path / "media" / "big"
+    d = Daemon(fm_env, "--no-probe")
+    try:
+        d.wait_ready()
+        register(fm_env, src)
+        cli(fm_env, "sync", "web01", "--wait")
+        job = export(fm_env, seed, key, "1MiB")
+        journal = seed / "journal.jsonl"
+        end = time.monotonic() + 120
+        lines = 0
+        while time.monotonic() < end:
+            lines = len(journal.read_text().splitlines()) if journal.exists() else 0
+            if lines >= 5:
+                break
+            time.sleep(0.01)
+        d.kill9()
+        if lines < 5:
+            pytest.fail("the export wrote no 5 chunks within 120 s")
+        before = {
+            p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in (seed / "disk0").glob("*.chunk")
+        }
+        assert 5 <= len(before) < 256, f"killed too late: {len(before)} chunks already there"
+        assert json.loads((seed / "seed.json").read_text())["state"] == "exporting"
+        with pytest.raises(SeedError, match=r"incomplete: its export stopped before chunk disk0/"):
+            open_seed(seed, str(key), None)
+    finally:
+        d.stop()
+    with running_daemon(fm_env, "--no-probe"):
+        with fm_env.client() as c:
+            done = c.wait(job["id"], timeout=600)
+        assert done["state"] == "succeeded", done
+        res = done["result"]
+        assert res["resumed"] is True
+        assert res["chunks_skipped_resume"] >= len(before) - 1, res  # the last may be torn
+        assert res["chunks_skipped_resume"] + res["chunks_written"] == 256, res
+        after = {
+            p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in (seed / "disk0").glob("*.chunk")
+        }
+        assert len(after) == 256
+        kept = sum(1 for n, v in before.items() if after[n] == v)
+        assert kept == res["chunks_skipped_resume"], (kept, res)
+        v = cli(fm_env, "seed", "verify", str(seed), "--key-file", str(key), "--wait")
+        assert v["state"] == "succeeded" and v["result"]["chunks_checked"] == 256, v
+    src.stop()
