@@ -308,6 +308,10 @@ class Client:
     def audit(self, limit: int = 200) -> list[dict[str, Any]]:
         return list(self._call("GET", "/v1/audit", params={"limit": limit}))
 
+    def audit_export(self, since: str | None = None) -> dict[str, Any]:
+        """Every audit entry (at or after ``since``) with its chain hashes."""
+        return dict(self._call("POST", "/v1/audit/export", json={"since": since}))
+
     def probe(self) -> dict[str, Any]:
         return dict(self._call("GET", "/v1/probe"))
 

@@ -92,17 +92,41 @@ def audit(
         return int(cur.lastrowid or 0)
 
 
+AUDIT_COLUMNS = ("id", "ts", "who", "origin", "action", "params", "result", "prev_hash", "hash")
+
+
+def audit_entries(db: Database, since: str | None = None) -> list[dict[str, Any]]:
+    """Every audit entry (``since``: ISO time, entries at or after it), oldest first, with the
+    stored text of its params and both hashes, so a copy can be verified on its own."""
+    where, args = ("WHERE ts >= ?", [since]) if since else ("", [])
+    rows = db.execute(
+        f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit {where} ORDER BY id", args
+    ).fetchall()
+    return [dict(zip(AUDIT_COLUMNS, r, strict=True)) for r in rows]
+
+
+def verify_entries(rows: list[dict[str, Any]], *, from_genesis: bool = True) -> tuple[bool, str]:
+    """Walk a chain of entries; name the first one edited, or after which one was deleted.
+    ``from_genesis`` False: the rows may start anywhere (an export made with --since)."""
+    prev = GENESIS if from_genesis or not rows else str(rows[0]["prev_hash"])
+    last_id = int(rows[0]["id"]) - 1 if rows and not from_genesis else 0
+    for r in rows:
+        rid = int(r["id"])
+        if r["prev_hash"] != prev:
+            return False, f"audit entry {rid}: chain broken after entry {last_id} (deleted?)"
+        computed = _audit_hash(
+            r["prev_hash"], r["ts"], r["who"], r["origin"], r["action"], r["params"], r["result"]
+        )
+        if computed != r["hash"]:
+            return False, f"audit entry {rid}: content does not match its hash (edited)"
+        prev, last_id = r["hash"], rid
+    if not from_genesis and rows:
+        return True, (
+            f"{len(rows)} entries ({rows[0]['id']}..{last_id}), chain intact, last hash {prev}"
+        )
+    return True, f"{last_id} entries, chain intact"
+
+
 def audit_verify(db: Database) -> tuple[bool, str]:
     """Walk the chain; name the first entry that was edited, or after which one was deleted."""
-    prev = GENESIS
-    last_id = 0
-    for r in db.execute(
-        "SELECT id, ts, who, origin, action, params, result, prev_hash, hash FROM audit ORDER BY id"
-    ):
-        rid, ts, who, origin, action, params, result, prev_hash, h = r
-        if prev_hash != prev:
-            return False, f"audit entry {rid}: chain broken after entry {last_id} (deleted?)"
-        if _audit_hash(prev_hash, ts, who, origin, action, params, result) != h:
-            return False, f"audit entry {rid}: content does not match its hash (edited)"
-        prev, last_id = h, rid
-    return True, f"{last_id} entries, chain intact"
+    return verify_entries(audit_entries(db))

@@ -157,10 +157,33 @@ def store_seal_key(args: argparse.Namespace) -> Output:
     return Output({**v.describe(), "message": msg}, msg)
 
 
+def _export_rows(path: Path) -> list[dict[str, Any]]:
+    """The entries of an export file (JSON lines or CSV, told apart by the first byte)."""
+    import csv
+
+    text = path.read_text()
+    if text.lstrip().startswith("{"):
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        rows = list(csv.DictReader(text.splitlines()))
+    for r in rows:
+        r["id"] = int(r["id"])
+    return rows
+
+
 def audit_verify(args: argparse.Namespace) -> Output:
     from store.db import open_readonly
     from store.records import audit_verify as verify
+    from store.records import verify_entries
 
+    if args.export:
+        rows = _export_rows(Path(args.export))
+        ok, why = verify_entries(rows, from_genesis=bool(rows) and rows[0]["id"] == 1)
+        return Output(
+            {"ok": ok, "detail": why},
+            (f"export {args.export} intact: " if ok else f"export {args.export} BROKEN: ") + why,
+            0 if ok else 1,
+        )
     db = open_readonly(Path(args.store) if args.store else paths().db)
     try:
         ok, why = verify(db)
@@ -170,6 +193,34 @@ def audit_verify(args: argparse.Namespace) -> Output:
         {"ok": ok, "detail": why},
         ("audit trail intact: " if ok else "audit trail BROKEN: ") + why,
         0 if ok else 1,
+    )
+
+
+def audit_export(args: argparse.Namespace) -> Output:
+    import csv
+    import io
+
+    from store.records import AUDIT_COLUMNS, verify_entries
+
+    fmt = args.format or ("csv" if args.to.endswith(".csv") else "jsonl")
+    with Client() as c:
+        rows = c.audit_export(args.since)["entries"]
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(AUDIT_COLUMNS), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        data = buf.getvalue()
+    else:
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    dest = Path(args.to).resolve()
+    part = dest.with_name(dest.name + ".part")
+    part.write_text(data)
+    part.replace(dest)
+    ok, why = verify_entries(rows, from_genesis=bool(rows) and rows[0]["id"] == 1)
+    out = {"file": str(dest), "format": fmt, "entries": len(rows), "ok": ok, "detail": why}
+    return Output(
+        out, f"{len(rows)} audit entries written to {dest} ({fmt}); {why}", 0 if ok else 1
     )
 
 
@@ -218,6 +269,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     asub = au.add_subparsers(dest="audit_verb", metavar="ACTION")
     p = verb("verify", audit_verify, "detect edited or deleted audit entries", asub)
     p.add_argument("--store", help="verify this store file instead of the live one")
+    p.add_argument("--export", help="verify an export file (audit export) instead")
+    p = verb("export", audit_export, "the audit trail with its hashes, for the customer", asub)
+    p.add_argument("--to", required=True, metavar="FILE", help=".csv or JSON lines (.jsonl)")
+    p.add_argument("--since", metavar="WHEN", help="ISO date or time (UTC): 2026-11-01")
+    p.add_argument("--format", choices=["jsonl", "csv"], help="default: by FILE's ending")
 
     verb("api-schema", api_schema, "print the daemon's OpenAPI schema")
 

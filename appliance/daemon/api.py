@@ -76,6 +76,10 @@ class ConvertRequest(BaseModel):
     backend: str | None = Field(default=None, pattern="^(builtin|virt-v2v)$")
 
 
+class AuditExportRequest(BaseModel):
+    since: str | None = Field(default=None, description="ISO time: entries at or after it")
+
+
 class ErrorBody(BaseModel):
     code: str
     message: str
@@ -86,6 +90,21 @@ def _who(request: Request, role: str = "operator", action: str = "do this") -> t
     """The caller (from the kernel's peer credentials) if their role allows the action."""
     c = auth.authorize(request, role, action)
     return c.user, c.origin
+
+
+def _iso_time(text: str) -> str:
+    """An ISO date or time as the audit trail stores it (UTC, +00:00)."""
+    from datetime import UTC, datetime
+
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise FerrymanError(
+            f"'{text}' is not a date or time",
+            hint="give an ISO time: 2026-11-26 or 2026-11-26T09:30",
+        ) from None
+    t = t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+    return t.isoformat(timespec="microseconds")
 
 
 def create_app(state: DaemonState) -> FastAPI:
@@ -378,6 +397,17 @@ def create_app(state: DaemonState) -> FastAPI:
             f"SELECT {', '.join(cols)} FROM audit ORDER BY id DESC LIMIT ?", [limit]
         ).fetchall()
         return [dict(zip(cols, r, strict=True)) for r in reversed(rows)]
+
+    @app.post("/v1/audit/export")
+    def audit_export(req: AuditExportRequest, request: Request) -> dict[str, Any]:
+        """Every entry with its hashes, for the customer's records; the export is audited."""
+        from store.records import audit_entries
+
+        c = auth.caller(request)
+        since = _iso_time(req.since) if req.since else None
+        rows = audit_entries(state.db, since)
+        state.audit(c.user, c.origin, "audit.export", {"since": since}, f"{len(rows)} entries")
+        return {"since": since, "entries": rows}
 
     @app.get("/v1/probe")
     def probe_verdict() -> dict[str, Any]:
