@@ -20,23 +20,43 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nbd
 from sqlite_utils import Database
 
 from appliance import inventory
 from appliance.config import paths
 from appliance.daemon.jobs import JobContext
-from appliance.datapath.chain import DiskChain, check_image
-from appliance.datapath.copier import Copier
-from appliance.datapath.hashing import HashManifest, ManifestBuilder, hash_export, verify
+from appliance.datapath.chain import DiskChain, Overlay, Point, check_image
+from appliance.datapath.copier import (
+    FLUSH_INTERVAL_S,
+    Copier,
+    CopyStats,
+    Journal,
+    ProgressSink,
+    RetryPolicy,
+    connect,
+)
+from appliance.datapath.errors import ChainError
+from appliance.datapath.hashing import (
+    BLOCK_SIZE,
+    HashManifest,
+    ManifestBuilder,
+    hash_export,
+    verify,
+)
 from appliance.datapath.throttle import Throttle
 from appliance.datapath.writer import QemuNbd
 from appliance.errors import Cancelled, Conflict, FerrymanError, NotFound
-from appliance.sources.base import SyncSession
-from store.db import dumps, loads, now, write_txn
+from appliance.sources.base import DiskExport, SyncSession
+from store.db import dumps, now, write_txn
 from store.records import add_event
 
 log = logging.getLogger(__name__)
@@ -160,8 +180,286 @@ def _session_row(
     return int(cur.lastrowid or 0), False
 
 
-def _manifest_path(chain: DiskChain, point: str) -> Path:
+def manifest_path(chain: DiskChain, point: str) -> Path:
     return chain.dir / f"{point}.manifest.json"
+
+
+def flush_interval() -> float:
+    """Seconds between journal flushes (FERRYMAN_FLUSH_INTERVAL_S): the most a crash
+    re-copies on a slow link."""
+    return float(os.environ.get("FERRYMAN_FLUSH_INTERVAL_S", FLUSH_INTERVAL_S))
+
+
+# -- the data path of one sync: copy every disk, seal them all, hash and verify ----------
+# Disks are copied one after the other: on 2 cores one copier already keeps the source and
+# the writer busy; parallel disks would only split the same bandwidth.
+
+
+@dataclass
+class DiskResult:
+    disk_key: str
+    mode: str  # what was done: "full" | "dirty" | "compare"
+    point: Point | None = None
+    stats: CopyStats = field(default_factory=CopyStats)
+    resumed: bool = False
+    manifest: Path | None = None  # block hashes of the sealed point
+    manifest_digest: str | None = None
+    verify: dict[str, Any] | None = None  # comparison with the source snapshot
+    notes: list[str] = field(default_factory=list)
+    hash_block: int = 0  # >0: hashes were wanted with this block size
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "disk": self.disk_key,
+            "mode": self.mode,
+            "point": self.point.name if self.point else None,
+            "file": self.point.file if self.point else None,
+            "stats": self.stats.as_dict(),
+            "resumed": self.resumed,
+            "manifest_digest": self.manifest_digest,
+            "verify": self.verify,
+            "notes": self.notes,
+        }
+
+
+def _max_request(uri: str) -> int:
+    """The largest request the source accepts, as a power of two (hash block size)."""
+    try:
+        h = connect(uri, name="probe")
+        mx = int(h.get_block_size(nbd.SIZE_MAXIMUM)) or BLOCK_SIZE
+    except nbd.Error:
+        return BLOCK_SIZE  # the copier reports the connection problem properly
+    return 1 << (mx.bit_length() - 1)
+
+
+def copy_disk(
+    export: DiskExport,
+    chain: DiskChain,
+    *,
+    point_name: str,
+    snapshot_id: str,
+    socket_dir: Path,
+    progress: ProgressSink | None = None,
+    cancel: threading.Event | None = None,
+    throttle: Throttle | None = None,
+    journal: Journal | None = None,
+    resume_from: Iterable[tuple[int, int]] = (),
+    retry: RetryPolicy | None = None,
+    hash_manifest: bool | None = None,
+    cache: str | None = None,
+    **copier_opts: Any,
+) -> tuple[Overlay, DiskResult]:
+    """Copy one disk into its partial overlay. The overlay is left stopped and unsealed.
+
+    ``resume_from``: extents the journal says are durable in THIS snapshot's partial overlay;
+    honoured only when the partial overlay of the same snapshot still exists."""
+    key = export.disk.key
+    ov = chain.begin(point_name, snapshot_id, export.disk.size)
+    res = DiskResult(disk_key=key, mode=export.mode, resumed=ov.resumed)
+    done = list(resume_from)
+    if done and not ov.resumed:
+        res.notes.append("journal entries ignored: the partial overlay was not found")
+        done = []
+    mode = export.mode
+    parent = chain.newest()
+    previous: HashManifest | None = None
+    if mode == "compare":
+        mp = manifest_path(chain, parent.name) if parent else None
+        if mp is not None and mp.exists():
+            previous = HashManifest.load(mp)
+            if previous.size != export.disk.size:
+                previous = None
+        if previous is None:
+            res.notes.append("no hash manifest of the previous point: full copy")
+            mode = res.mode = "full"
+    if mode == "full" and parent is not None:
+        res.notes.append("full copy into an overlay: every extent is written")
+    if hash_manifest is None:
+        hash_manifest = export.mode == "compare" or bool(getattr(export, "hash_manifest", False))
+    hasher = None
+    if hash_manifest or previous is not None:
+        block = min(BLOCK_SIZE, _max_request(export.nbd_uri))
+        if previous is not None and previous.block_size != block:
+            res.notes.append("previous manifest has another block size: full copy")
+            previous, mode, res.mode = None, "full", "full"
+        hasher = ManifestBuilder(
+            export.disk.size, block, previous=previous, compare=previous is not None
+        )
+        res.hash_block = block
+    if mode == "dirty" and parent is None:
+        ov.discard()
+        raise ChainError(
+            f"disk {key}: an incremental sync needs a previous restore point, the chain in "
+            f"{chain.dir} has none",
+            hint="sync again with a full copy (ferryman sync --full)",
+        )
+    exts = list(export.extents())
+    try:
+        uri = ov.start_writer(socket_dir, cache=cache)
+        cp = Copier(
+            disk_key=key,
+            source_uri=export.nbd_uri,
+            target_uri=uri,
+            progress=progress,
+            cancel=cancel,
+            throttle=throttle,
+            journal=journal,
+            retry=retry,
+            target_is_zero=ov.fresh,
+            hasher=hasher,
+            **copier_opts,
+        )
+        res.stats = cp.copy(exts, resume_from=done)
+        ov.stop_writer()
+    except BaseException:
+        # Flushed data stays for a resume; the writer must not outlive the sync.
+        try:
+            ov.stop_writer()
+        except Exception:  # the writer died: its own error is the one that matters
+            ov.kill_writer()
+        raise
+    if hasher is not None and not done:
+        man = hasher.manifest
+        if man.complete():
+            man.save(chain.dir / f"{point_name}.manifest.json.partial")
+            res.manifest_digest = man.digest()
+    res.notes += [n for n in getattr(export, "notes", [])]
+    return ov, res
+
+
+def seal_disk(ov: Overlay, res: DiskResult) -> DiskResult:
+    res.point = ov.seal()
+    partial_manifest = ov.chain.dir / f"{ov.name}.manifest.json.partial"
+    if partial_manifest.exists():
+        res.manifest = manifest_path(ov.chain, ov.name)
+        partial_manifest.rename(res.manifest)
+    return res
+
+
+def _after_seal(
+    export: DiskExport,
+    chain: DiskChain,
+    res: DiskResult,
+    socket_dir: Path,
+    verify_after: bool,
+    progress: ProgressSink | None,
+    cancel: threading.Event | None,
+) -> None:
+    """Record the point's block hashes; with ``verify_after`` compare it with the snapshot."""
+    assert res.point is not None
+    key, point = res.disk_key, res.point.name
+    mp = manifest_path(chain, point)
+    src_manifest: HashManifest | None = getattr(export, "manifest", None)
+    if src_manifest is not None:  # linux-agent: hashed on the server while reading
+        src_manifest.save(mp)
+        res.manifest = mp
+    need_hash = res.hash_block > 0 and res.manifest is None  # resumed: earlier hashes lost
+    if not verify_after and not need_hash:
+        return
+    if progress is not None:
+        what = "verifying" if verify_after else "hashing (resumed sync)"
+        progress.set_phase(f"{what} disk {key}", disk=key)
+    with (
+        chain.reading(point, "sync verify") as path,
+        QemuNbd(path, socket_dir, read_only=True) as reader,
+    ):
+        if verify_after and src_manifest is None:
+            vr = verify(
+                export.nbd_uri, reader.uri, disk=key, cancel=cancel, raise_on_mismatch=False
+            )
+            res.verify = vr.as_dict()
+            if res.manifest is None:
+                vr.target.save(mp)
+                res.manifest = mp
+            return
+        got = hash_export(
+            reader.uri,
+            disk=key,
+            block_size=res.hash_block or (src_manifest.block_size if src_manifest else BLOCK_SIZE),
+            cancel=cancel,
+        )
+    if res.manifest is None:
+        got.save(mp)
+        res.manifest = mp
+    if verify_after and src_manifest is not None:
+        # The source hashed its snapshot itself: only the local point is read, so no disk
+        # crosses the (WAN) link a second time.
+        bad = src_manifest.diff(got)
+        res.verify = {
+            "ok": not bad,
+            "blocks": got.blocks,
+            "mismatches": bad[:100],
+            "mismatch_count": len(bad),
+            "source_digest": src_manifest.digest(),
+            "target_digest": got.digest(),
+        }
+
+
+def sync_disks(
+    session: SyncSession,
+    chains: Mapping[str, DiskChain],
+    *,
+    point_name: str,
+    socket_dir: Path,
+    progress: ProgressSink | None = None,
+    cancel: threading.Event | None = None,
+    throttle: Throttle | None = None,
+    journal: Journal | None = None,
+    resume_from: Mapping[str, Iterable[tuple[int, int]]] | None = None,
+    retry: RetryPolicy | None = None,
+    verify_after: bool = False,
+    **copier_opts: Any,
+) -> list[DiskResult]:
+    """Copy every disk of the session, then seal them all (one restore point), record their
+    hashes and, with ``verify_after``, compare each with the still-frozen source.
+
+    A disk whose newest sealed point already is this point of this snapshot (a crash
+    between two seals) is skipped. Does NOT persist the token nor release the session:
+    ``run_sync`` does that, in that order."""
+    staged: list[tuple[DiskExport, Overlay, DiskResult]] = []
+    results: list[tuple[DiskExport, DiskResult]] = []
+    n = len(session.disks)
+    for i, export in enumerate(session.disks):
+        key = export.disk.key
+        chain = chains.get(key)
+        if chain is None:
+            raise ChainError(
+                f"no chain for disk {key}", hint="this is a bug in the caller: one chain per disk"
+            )
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"sync of {point_name} was cancelled")
+        newest = chain.newest()
+        if newest and newest.name == point_name and newest.snapshot_id == session.snapshot_id:
+            results.append(
+                (export, DiskResult(key, export.mode, point=newest, notes=["already sealed"]))
+            )
+            continue
+        if progress is not None:
+            progress.set_phase(f"copying disk {key} ({i + 1}/{n})", disk=key)
+        ov, res = copy_disk(
+            export,
+            chain,
+            point_name=point_name,
+            snapshot_id=session.snapshot_id,
+            socket_dir=socket_dir,
+            progress=progress,
+            cancel=cancel,
+            throttle=throttle,
+            journal=journal,
+            resume_from=(resume_from or {}).get(key, ()),
+            retry=retry,
+            **copier_opts,
+        )
+        staged.append((export, ov, res))
+    for export, ov, res in staged:
+        results.append((export, seal_disk(ov, res)))
+    for export, res in results:
+        if res.point is not None and "already sealed" not in res.notes:
+            _after_seal(
+                export, chains[res.disk_key], res, socket_dir, verify_after, progress, cancel
+            )
+    order = {e.disk.key: i for i, e in enumerate(session.disks)}
+    return [r for _, r in sorted(results, key=lambda t: order[t[1].disk_key])]
 
 
 def effective_throttle(caps: dict[str, int | None]) -> int | None:
@@ -213,7 +511,10 @@ def run_sync(ctx: JobContext) -> dict[str, Any]:
                     f"reattached to the running backup job of {m['name']} (checkpoint {row[0]})"
                 )
     if session is None:
-        session = adapter.open_session(
+        # The last delta of a cutover (services stopped): a source that can make that pass
+        # consistent does (linux-agent: live filesystems frozen for the whole copy).
+        final = getattr(adapter, "open_final_pass", None) if ctx.params.get("final_pass") else None
+        session = (final or adapter.open_session)(
             m["ref"], None if want_full else prev["token"] if prev else None
         )
     watch = getattr(session, "watch", None)
@@ -246,14 +547,14 @@ def _sync(
     db = ctx.db
     if session.full and not want_full:
         ctx.event(f"full resync of {m['name']}: {session.reason}", level="warning")
+    for note in getattr(session, "notes", []):  # e.g. libvirt: not quiesced, and why
+        ctx.event(f"{m['name']}: {note}", level="warning")
     sid, resumed = _session_row(ctx, m["id"], session, prev["id"] if prev else None)
     journal = StoreJournal(db, sid)
-    name = point_name(sid)
     mdir = machine_dir(m["id"])
     chains = {d.disk.key: chain_for(mdir, d.disk.key, d.disk.size) for d in session.disks}
     for line in reconcile(db, m["id"], chains):
         ctx.event(f"{m['name']}: {line}", level="warning")
-    prev_disks = {d["disk_key"]: d for d in (prev["disks"] if prev else [])}
     # The lower of the machine's own throttle and its source's (a cap on every sync from
     # that source); either changes while the sync runs.
     caps = {"machine": m["throttle_bps"], "source": (src.get("params") or {}).get("throttle_bps")}
@@ -277,111 +578,57 @@ def _sync(
         or sync_no % FULL_COMPARE_EVERY == 0
         or bool(ctx.params.get("verify"))
     )
+    results = sync_disks(
+        session,
+        chains,
+        point_name=point_name(sid),
+        socket_dir=writer_dir(),
+        progress=ctx.progress,
+        cancel=ctx.cancel,
+        throttle=throttle,
+        journal=journal,
+        resume_from={k: journal.extents(k) for k in chains},
+        verify_after=compare,
+        flush_interval=flush_interval(),
+    )
     disks_out: list[dict[str, Any]] = []
-    totals = {
-        "bytes_read": 0,
-        "bytes_written": 0,
-        "bytes_zeroed": 0,
-        "bytes_skipped_resume": 0,
-        "bytes_unchanged": 0,
-    }
+    totals = dict.fromkeys(
+        (
+            "bytes_read",
+            "bytes_written",
+            "bytes_zeroed",
+            "bytes_skipped_resume",
+            "bytes_unchanged",
+        ),
+        0,
+    )
     verified: str | None = None
-    for i, d in enumerate(session.disks):
-        key = d.disk.key
-        chain = chains[key]
-        ctx.check_cancel()
-        ctx.progress.set_phase(f"copying disk {key} ({i + 1}/{len(session.disks)})", disk=key)
-        ov = chain.begin(name, session.snapshot_id, d.disk.size)
-        hasher = None
-        if d.mode == "compare":
-            pd = prev_disks.get(key)
-            if pd is None or not pd.get("manifest") or not Path(pd["manifest"]).exists():
-                raise ReplicationError(
-                    f"disk {key} of {m['name']}: the last restore point has no hash manifest "
-                    "to compare with",
-                    hint=f"run a full sync: ferryman sync {m['name']} --full",
-                )
-            hasher = ManifestBuilder(d.disk.size, previous=HashManifest.load(Path(pd["manifest"])))
-        elif getattr(d, "hash_manifest", False):
-            # The next sync of this source compares hashes: record them while copying.
-            hasher = ManifestBuilder(d.disk.size, compare=False)
-        uri = ov.start_writer(writer_dir())
-        try:
-            copier = Copier(
-                disk_key=key,
-                source_uri=d.nbd_uri,
-                target_uri=uri,
-                progress=ctx.progress,
-                cancel=ctx.cancel,
-                throttle=throttle,
-                journal=journal,
-                target_is_zero=ov.fresh,
-                hasher=hasher,
-            )
-            stats = copier.copy(d.extents(), resume_from=journal.extents(key))
-        except BaseException:
-            ov.kill_writer()  # the partial stays for a resume of this same snapshot
-            raise
-        point = ov.seal()
-        manifest: str | None = None
-        src_manifest = getattr(d, "manifest", None)  # linux-agent: hashed on the server
-        if src_manifest is not None:
-            mp = _manifest_path(chain, point.name)
-            src_manifest.save(mp)
-            manifest = str(mp)
-        elif hasher is not None and not ov.resumed:
-            mp = _manifest_path(chain, point.name)
-            hasher.manifest.save(mp)  # type: ignore[attr-defined]
-            manifest = str(mp)
-        elif hasher is not None and not compare:
-            # Resumed: the hashes of what the crashed run copied are lost; read the point.
-            ctx.progress.set_phase(f"hashing disk {key} (resumed sync)")
-            with (
-                chain.reading(point.name, f"sync job {ctx.job_id}") as path,
-                QemuNbd(path, writer_dir(), read_only=True) as reader,
-            ):
-                got = hash_export(reader.uri, disk=key, cancel=ctx.cancel)
-            mp = _manifest_path(chain, point.name)
-            got.save(mp)
-            manifest = str(mp)
-        if compare:
-            ctx.progress.set_phase(f"verifying disk {key} against the source snapshot")
-            with (
-                chain.reading(point.name, f"verify job {ctx.job_id}") as path,
-                QemuNbd(path, writer_dir(), read_only=True) as reader,
-            ):
-                if src_manifest is not None:
-                    # The source hashed its snapshot itself: hash only the local point, so no
-                    # disk crosses the (WAN) link a second time.
-                    got = hash_export(reader.uri, disk=key, cancel=ctx.cancel)
-                    mismatches = src_manifest.diff(got)
-                else:
-                    res = verify(
-                        d.nbd_uri, reader.uri, disk=key, cancel=ctx.cancel, raise_on_mismatch=False
-                    )
-                    mismatches = res.mismatches
-                    mp = _manifest_path(chain, point.name)
-                    res.target.save(mp)
-                    manifest = str(mp)
-            if mismatches:
+    sizes = {d.disk.key: d.disk.size for d in session.disks}
+    for r in results:
+        assert r.point is not None
+        for note in r.notes:
+            ctx.event(f"disk {r.disk_key} of {m['name']}: {note}")
+        if r.verify is not None:
+            bad = r.verify["mismatches"]
+            if bad:
                 verified = "mismatch"
                 ctx.event(
-                    f"disk {key} of {m['name']}: {len(mismatches)} blocks differ from "
-                    f"the source snapshot (first at offset {mismatches[0]}); the next "
+                    f"disk {r.disk_key} of {m['name']}: {r.verify['mismatch_count']} blocks "
+                    f"differ from the source snapshot (first at offset {bad[0]}); the next "
                     "sync is a full resync",
                     level="error",
                 )
             elif verified is None:
                 verified = "ok"
         for k in totals:
-            totals[k] += int(getattr(stats, k))
+            totals[k] += int(getattr(r.stats, k))
         disks_out.append(
             {
-                "disk_key": key,
-                "path": str(chain.dir / point.file),
-                "size": d.disk.size,
-                "manifest": manifest,
-                "stats": stats.as_dict(),
+                "disk_key": r.disk_key,
+                "path": str(chains[r.disk_key].path_of(r.point)),
+                "size": sizes[r.disk_key],
+                "manifest": str(r.manifest) if r.manifest else None,
+                "stats": r.stats.as_dict(),
             }
         )
     ctx.check_cancel()
@@ -567,7 +814,7 @@ def run_verify(ctx: JobContext) -> dict[str, Any]:
                     f"disk {d['disk_key']}: {len(diff)} blocks differ, first at offset {diff[0]}"
                 )
         else:
-            mp = _manifest_path(chain, point)
+            mp = manifest_path(chain, point)
             got.save(mp)
             db.execute(
                 "UPDATE restore_point_disks SET manifest=? WHERE restore_point_id=? AND disk_key=?",
@@ -600,6 +847,3 @@ def run_verify(ctx: JobContext) -> dict[str, Any]:
             hint="do not boot it; run a full sync to make a good point",
         )
     return {"restore_point": rp_id, "verified": state, "manifests_built": built}
-
-
-_ = loads

@@ -465,14 +465,14 @@ sys.path.insert(0, sys.argv[2])
 from pathlib import Path
 from appliance.datapath.chain import DiskChain
 from appliance.datapath.copier import RetryPolicy
-from appliance.datapath.sync import sync_session
+from appliance.replication import sync_disks
 from appliance.sources.nbd import NbdSource
 from tests.datapath_fixtures import FileJournal
 a = json.loads(sys.argv[1])
 journal = FileJournal(Path(a["journal"]))
 src = NbdSource({"disks": {"vda": a["uri"]}, "snapshot_id": a["snapshot_id"]})
 session = src.open_session(src.ref(), a.get("token"))
-res = sync_session(session, {"vda": DiskChain(Path(a["chain"]))}, point_name=a["point"],
+res = sync_disks(session, {"vda": DiskChain(Path(a["chain"]))}, point_name=a["point"],
                    socket_dir=Path(a["sock"]), journal=journal,
                    resume_from={"vda": journal.ranges()}, **a.get("opts", {}))
 print(json.dumps([r.as_dict() for r in res]))

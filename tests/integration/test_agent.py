@@ -1,6 +1,6 @@
 """linux-agent source against a real Debian server (TCG guest, real sshd, real LVM).
 
-The data path is the engine's: ``appliance.datapath.sync.sync_session`` (copier + qcow2
+The data path is the engine's: ``appliance.replication.sync_disks`` (copier + qcow2
 chain + qemu-nbd writer) reads the adapter's ``nbd_uri``; the one engine step the adapter
 needs beyond that (store ``export.manifest`` with the sealed point) is done here as
 ``replication.py`` is asked to do it (docs/agent.md, "Engine hooks").
@@ -24,9 +24,9 @@ import pytest
 
 from appliance.datapath.chain import DiskChain
 from appliance.datapath.copier import RetryPolicy
-from appliance.datapath.sync import DiskResult, manifest_path, sync_session
 from appliance.datapath.throttle import Throttle
 from appliance.errors import Cancelled
+from appliance.replication import DiskResult, manifest_path, sync_disks
 from appliance.sources.agent.errors import (
     AgentHostKeyChanged,
     AgentSnapshotError,
@@ -76,7 +76,7 @@ def run_sync(
     chains = {d.disk.key: DiskChain(store / d.disk.key) for d in session.disks}
     sockets = store / "sockets"
     sockets.mkdir(exist_ok=True)
-    results = sync_session(session, chains, point_name=name, socket_dir=sockets, **kw)
+    results = sync_disks(session, chains, point_name=name, socket_dir=sockets, **kw)
     for d, r in zip(session.disks, results, strict=True):
         # The engine hook (replication.py): the source's manifest is stored with the point.
         assert r.point is not None

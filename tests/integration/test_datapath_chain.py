@@ -8,8 +8,8 @@ import pytest
 from appliance.datapath.chain import DiskChain
 from appliance.datapath.errors import ChainError, ReaderBusy
 from appliance.datapath.hashing import hash_export
-from appliance.datapath.sync import sync_session
 from appliance.datapath.writer import QemuNbd
+from appliance.replication import sync_disks
 from appliance.sources.nbd import NbdSource
 from tests.datapath_fixtures import *  # noqa: F403
 from tests.datapath_fixtures import MiB, check_ok, write_chunks
@@ -37,7 +37,7 @@ def three_points(make_image, qemu_nbd_server, make_chain, dp_sock_dir):
         q = qemu_nbd_server(img, read_only=True, fmt="raw")
         src = NbdSource({"disks": {"vda": q.uri}})
         s = src.open_session(src.ref(), token)
-        sync_session(s, {"vda": chain}, point_name=name, socket_dir=dp_sock_dir)
+        sync_disks(s, {"vda": chain}, point_name=name, socket_dir=dp_sock_dir)
         token = s.token()
         states[name] = hash_export(q.uri).digest()
         q.stop()

@@ -18,8 +18,8 @@ from appliance.datapath import extents as ex
 from appliance.datapath.chain import DiskChain
 from appliance.datapath.copier import Copier, connect
 from appliance.datapath.hashing import hash_export, verify
-from appliance.datapath.sync import copy_disk, seal_disk, sync_session
 from appliance.datapath.throttle import Throttle
+from appliance.replication import copy_disk, seal_disk, sync_disks
 from appliance.sources.nbd import NbdSource
 from tests.datapath_fixtures import *  # noqa: F403
 from tests.datapath_fixtures import MiB, RecordingJournal, check_ok, images_equal, write_chunks
@@ -47,7 +47,7 @@ def _sync_nbd(
     src: NbdSource, chain: DiskChain, name: str, sock: Path, prev: dict | None, **kw: object
 ) -> tuple[dict, list]:
     session = src.open_session(src.ref(), prev)
-    res = sync_session(session, {"vda": chain}, point_name=name, socket_dir=sock, **kw)
+    res = sync_disks(session, {"vda": chain}, point_name=name, socket_dir=sock, **kw)
     token = session.token()
     session.release()
     return token, res
@@ -243,7 +243,7 @@ def test_cancel_keeps_journal_and_resume_completes(
     from appliance.errors import Cancelled
 
     with pytest.raises(Cancelled):
-        sync_session(
+        sync_disks(
             session,
             {"vda": chain},
             point_name="p1",
@@ -257,7 +257,7 @@ def test_cancel_keeps_journal_and_resume_completes(
     assert chain.points() == []  # nothing published
     j2 = RecordingJournal()
     session = src.open_session(src.ref(), None)
-    res = sync_session(
+    res = sync_disks(
         session,
         {"vda": chain},
         point_name="p1",

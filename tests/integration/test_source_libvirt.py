@@ -13,8 +13,8 @@ import pytest
 
 from appliance.datapath import extents as ex
 from appliance.datapath.hashing import hash_export
-from appliance.datapath.sync import sync_session
 from appliance.datapath.writer import QemuNbd
+from appliance.replication import sync_disks
 from appliance.sources.base import Consistency
 from appliance.sources.libvirt import LibvirtSource
 from tests.datapath_fixtures import *  # noqa: F403
@@ -32,7 +32,7 @@ def _sync(src, guest, chain, name, sock, token):
     session = src.open_session(guest.uuid, token)
     try:
         exts = {d.disk.key: list(d.extents()) for d in session.disks}
-        res = sync_session(session, {"vda": chain}, point_name=name, socket_dir=sock)
+        res = sync_disks(session, {"vda": chain}, point_name=name, socket_dir=sock)
         # What the backup export served, read a second time while the job still runs.
         served = hash_export(session.disks[0].nbd_uri)
         tok = session.token()
@@ -98,7 +98,7 @@ def test_libvirt_failure_always_ends_the_job(tiny_guest, make_chain, dp_sock_dir
     # A sync that fails (no chain for the disk) still releases the backup job.
     with pytest.raises(Exception, match="no chain"):
         try:
-            sync_session(session, {}, point_name="p1", socket_dir=dp_sock_dir)
+            sync_disks(session, {}, point_name="p1", socket_dir=dp_sock_dir)
         finally:
             session.release()
     assert g.dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
@@ -128,7 +128,7 @@ def test_libvirt_daemon_crash_reattaches_and_resumes(tiny_guest, make_chain, dp_
     cancel = threading.Event()
     threading.Timer(1.0, cancel.set).start()
     with pytest.raises(Cancelled):
-        sync_session(
+        sync_disks(
             s1,
             {"vda": chain},
             point_name="p1",
@@ -146,7 +146,7 @@ def test_libvirt_daemon_crash_reattaches_and_resumes(tiny_guest, make_chain, dp_
     s2 = src2.reattach(g.uuid, s1.snapshot_id)
     assert s2 is not None and s2.snapshot_id == s1.snapshot_id and s2.full
     try:
-        res = sync_session(
+        res = sync_disks(
             s2, {"vda": chain}, point_name="p1", socket_dir=dp_sock_dir, resume_from={"vda": done}
         )
         served = hash_export(s2.disks[0].nbd_uri)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from appliance.datapath.chain import DiskChain
-from appliance.datapath.sync import sync_session
+from appliance.replication import sync_disks
 from appliance.sources.vsphere import Endpoint, Secret, TlsPolicy, VSphereSource
 from tests.vsphere_fixtures import (  # noqa: F401
     MiB,
@@ -60,7 +60,7 @@ def test_full_then_incremental_restore_points_equal_the_datastore_file(
             vsphere_vm.write(127 * MiB, b"\0" * 65536)  # zeroes over data
         s = src.open_session(vsphere_vm.moref, token)
         try:
-            (res,) = sync_session(
+            (res,) = sync_disks(
                 s, {key: chain}, point_name=f"rp{n}", socket_dir=socks, verify_after=True
             )
             assert res.verify is not None and res.verify["mismatch_count"] == 0
@@ -113,7 +113,7 @@ def test_two_disks_one_snapshot_one_restore_point(vcsim: Vcsim, tmp_path: Path) 
         s = src.open_session(vm.moref, token)
         try:
             assert {e.disk.key for e in s.disks} == set(flats)
-            results = sync_session(s, chains, point_name=f"rp{n}", socket_dir=socks)
+            results = sync_disks(s, chains, point_name=f"rp{n}", socket_dir=socks)
             token = s.token()
         finally:
             s.release()

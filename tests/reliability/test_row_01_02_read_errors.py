@@ -10,7 +10,7 @@ import pytest
 from appliance.datapath import extents as ex
 from appliance.datapath.copier import RetryPolicy
 from appliance.datapath.errors import SourceReadError
-from appliance.datapath.sync import sync_session
+from appliance.replication import sync_disks
 from appliance.sources.nbd import NbdSource
 from tests.datapath_fixtures import *  # noqa: F403
 from tests.datapath_fixtures import (
@@ -56,7 +56,7 @@ def test_row_01_transient_read_errors_are_retried(nbdkit_server, make_chain, dp_
     t = threading.Thread(target=inject)
     t.start()
     session = src.open_session(src.ref(), None)
-    res = sync_session(
+    res = sync_disks(
         session,
         {"vda": chain},
         point_name="p1",
@@ -87,7 +87,7 @@ def test_row_02_permanent_read_error_names_disk_offset_errno(
     threading.Timer(0.6, errfile.touch).start()
     session = src.open_session(src.ref(), None)
     with pytest.raises(SourceReadError) as ei:
-        sync_session(
+        sync_disks(
             session,
             {"vda": chain},
             point_name="p1",
@@ -112,7 +112,7 @@ def test_row_02_permanent_read_error_names_disk_offset_errno(
     assert assert_ranges_equal(part.path, srv.uri, done, dp_sock_dir) > 0
     # ... and the sync resumes from the journal.
     session = src.open_session(src.ref(), None)
-    res = sync_session(
+    res = sync_disks(
         session, {"vda": chain}, point_name="p1", socket_dir=dp_sock_dir, resume_from={"vda": done}
     )
     st = res[0].stats

@@ -9,7 +9,7 @@ import pytest
 
 from appliance.datapath.copier import RetryPolicy
 from appliance.datapath.errors import SourceUnavailable
-from appliance.datapath.sync import sync_session
+from appliance.replication import sync_disks
 from appliance.sources.nbd import NbdSource
 from tests.datapath_fixtures import *  # noqa: F403
 from tests.datapath_fixtures import (
@@ -69,7 +69,7 @@ def test_row_03_source_killed_and_restarted_reconnects(nbdkit_server, make_chain
     t.start()
     session = src.open_session(src.ref(), None)
     prog = Phases()
-    res = sync_session(
+    res = sync_disks(
         session,
         {"vda": chain},
         point_name="p1",
@@ -100,7 +100,7 @@ def test_row_03_source_down_too_long_then_resume_from_journal(
     threading.Timer(0.8, srv.kill).start()
     session = src.open_session(src.ref(), None)
     with pytest.raises(SourceUnavailable):
-        sync_session(
+        sync_disks(
             session,
             {"vda": chain},
             point_name="p1",
@@ -120,7 +120,7 @@ def test_row_03_source_down_too_long_then_resume_from_journal(
     srv.start()
     assert assert_ranges_equal(part.path, srv.uri, done, dp_sock_dir) == durable
     session = src.open_session(src.ref(), None)
-    res = sync_session(
+    res = sync_disks(
         session, {"vda": chain}, point_name="p1", socket_dir=dp_sock_dir, resume_from={"vda": done}
     )
     st = res[0].stats
@@ -158,7 +158,7 @@ def test_row_04_source_hangs_timeout_stalled_then_continues(
     t = threading.Thread(target=hang_source)
     t.start()
     session = src.open_session(src.ref(), None)
-    res = sync_session(
+    res = sync_disks(
         session,
         {"vda": chain},
         point_name="p1",

@@ -10,8 +10,8 @@ import pytest
 
 from appliance.datapath.copier import connect
 from appliance.datapath.hashing import verify
-from appliance.datapath.sync import sync_session
 from appliance.datapath.writer import QemuNbd
+from appliance.replication import sync_disks
 from appliance.sources.nbd import NbdSource
 from tests.datapath_fixtures import *  # noqa: F403
 from tests.datapath_fixtures import MiB, check_ok, images_equal
@@ -24,7 +24,7 @@ SIZE = 32 * MiB
 def _sync(uri, chain, sock, **kw):
     src = NbdSource({"disks": {"vda": uri}})
     session = src.open_session(src.ref(), None)
-    res = sync_session(session, {"vda": chain}, point_name="p1", socket_dir=sock, **kw)
+    res = sync_disks(session, {"vda": chain}, point_name="p1", socket_dir=sock, **kw)
     return session, res[0]
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from appliance.datapath.chain import DiskChain
 from appliance.datapath.errors import TargetFull
-from appliance.datapath.sync import sync_session
+from appliance.replication import sync_disks
 from appliance.sources.nbd import NbdSource
 from tests.datapath_fixtures import *  # noqa: F403
 from tests.datapath_fixtures import (
@@ -46,7 +46,7 @@ def test_row_09_disk_full_clear_error_no_point_then_resume(nbdkit_server, small_
     src = NbdSource({"disks": {"vda": srv.uri}, "snapshot_id": "snap-9"})
     session = src.open_session(src.ref(), None)
     with pytest.raises(TargetFull) as ei:
-        sync_session(
+        sync_disks(
             session,
             {"vda": chain},
             point_name="p1",
@@ -65,7 +65,7 @@ def test_row_09_disk_full_clear_error_no_point_then_resume(nbdkit_server, small_
     # Space is freed (the store grows); the sync resumes from the journal.
     subprocess.run(["mount", "-o", "remount,size=200m", str(small_fs)], check=True)
     session = src.open_session(src.ref(), None)
-    res = sync_session(
+    res = sync_disks(
         session, {"vda": chain}, point_name="p1", socket_dir=dp_sock_dir, resume_from={"vda": done}
     )
     assert res[0].resumed and res[0].stats.bytes_skipped_resume == sum(n for _, n in done)

@@ -1,12 +1,11 @@
-"""Rows 12, 19, 20 and 11 (engine level): the writer or the engine is killed mid-sync, and
-the resume state does not match."""
+"""Rows 12, 19, 20: the writer or the engine is killed mid-sync, and the resume state does
+not match. Row 11 (the daemon killed many times in a loop) is test_row_11_engine_kill_loop."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import random
 import signal
 import threading
 import time
@@ -14,7 +13,7 @@ import time
 import pytest
 
 from appliance.datapath.errors import ResumeRefused, WriterError
-from appliance.datapath.sync import sync_session
+from appliance.replication import sync_disks
 from appliance.sources.nbd import NbdSource
 from tests.datapath_fixtures import *  # noqa: F403
 from tests.datapath_fixtures import (
@@ -40,7 +39,7 @@ def _sha(path):
 def _first_point(srv, chain, sock):
     src = NbdSource({"disks": {"vda": srv.uri}})
     s = src.open_session(src.ref(), None)
-    sync_session(s, {"vda": chain}, point_name="p1", socket_dir=sock)
+    sync_disks(s, {"vda": chain}, point_name="p1", socket_dir=sock)
     return s.token()
 
 
@@ -76,7 +75,7 @@ def test_row_12_writer_killed_earlier_points_untouched_partial_resumed(
     t = threading.Thread(target=kill_writer)
     t.start()
     with pytest.raises(WriterError):
-        sync_session(
+        sync_disks(
             src.open_session(src.ref(), None),
             {"vda": chain},
             point_name="p2",
@@ -93,7 +92,7 @@ def test_row_12_writer_killed_earlier_points_untouched_partial_resumed(
     done = journal.ranges("vda")
     assert assert_ranges_equal(partial, srv.uri, done, dp_sock_dir) == sum(n for _, n in done)
     # Resumed with the same snapshot: only what is not durable is copied.
-    res = sync_session(
+    res = sync_disks(
         src.open_session(src.ref(), None),
         {"vda": chain},
         point_name="p2",
@@ -151,7 +150,7 @@ def test_row_19_engine_killed_during_delta(nbdkit_server, make_chain, dp_dir, dp
     assert chain.recover() == []  # nothing to clean: the partial is kept for a resume
     # A new source snapshot: the partial of delta-1 is discarded, never mixed.
     src = NbdSource({"disks": {"vda": srv.uri}, "snapshot_id": "delta-2"})
-    res = sync_session(
+    res = sync_disks(
         src.open_session(src.ref(), tok),
         {"vda": chain},
         point_name="p2",
@@ -180,7 +179,7 @@ def test_row_20_resume_state_does_not_match(nbdkit_server, make_chain, dp_sock_d
     cancel = threading.Event()
     threading.Timer(0.8, cancel.set).start()
     with pytest.raises(Exception, match="cancelled"):
-        sync_session(
+        sync_disks(
             src.open_session(src.ref(), None),
             {"vda": chain},
             point_name="p1",
@@ -203,7 +202,7 @@ def test_row_20_resume_state_does_not_match(nbdkit_server, make_chain, dp_sock_d
     ov.discard()
     # A sync of snap-B with snap-A's journal: the journal is ignored, a full copy is made.
     src_b = NbdSource({"disks": {"vda": srv.uri}, "snapshot_id": "snap-B"})
-    res = sync_session(
+    res = sync_disks(
         src_b.open_session(src_b.ref(), None),
         {"vda": chain},
         point_name="p1",
@@ -215,67 +214,3 @@ def test_row_20_resume_state_does_not_match(nbdkit_server, make_chain, dp_sock_d
     p = chain.path_of("p1")
     assert images_equal(srv.uri, p, fb="qcow2").returncode == 0
     assert check_ok(p) in (0, 3)
-
-
-def test_row_11_engine_killed_at_random_times(nbdkit_server, make_chain, dp_dir, dp_sock_dir):
-    """SIGKILL the engine at random times, several times: after every kill each journaled
-    extent is on disk; the last run completes and equals the source."""
-    srv = nbdkit_server(
-        "--filter=delay",
-        "sparse-random",
-        f"size={SIZE}",
-        "percent=80",
-        "seed=111",
-        "delay-read=500ms",  # ~4 MiB/s: no run can finish between two kills
-    )
-    chain = make_chain("vda")
-    jpath = dp_dir / "journal-11"
-    journal = FileJournal(jpath)
-    partial = chain.dir / "p1.qcow2.partial"
-    args = {
-        "uri": srv.uri,
-        "chain": str(chain.dir),
-        "point": "p1",
-        "snapshot_id": "snap-11",
-        "sock": str(dp_sock_dir),
-        "journal": str(jpath),
-        "opts": {"flush_interval": 0.05, "max_in_flight": 2},
-    }
-    rnd = random.Random(11)
-    kills = 0
-    for _ in range(4):
-        child = spawn_engine(args)
-        time.sleep(rnd.uniform(1.2, 2.0))
-        if child.poll() is not None:
-            break
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        kills += 1
-        end = time.monotonic() + 60
-        while time.monotonic() < end and writers_of(partial):
-            time.sleep(0.05)
-        assert writers_of(partial) == []  # the killed engine's writer is gone
-        if chain.points():  # it finished just before the kill: nothing left to prove
-            break
-        done = journal.ranges()
-        if not partial.exists():  # killed before it created its overlay (slow start)
-            assert done == []
-            continue
-        assert assert_ranges_equal(partial, srv.uri, done, dp_sock_dir) == sum(
-            n for _, n in ex_coalesce(done)
-        )
-    child = spawn_engine(args)
-    out, err = child.communicate(timeout=120)
-    assert child.returncode == 0, err[-2000:]
-    result = json.loads(out.strip().splitlines()[-1])[0]
-    assert kills >= 2
-    assert result["resumed"] and result["stats"]["bytes_skipped_resume"] > 0
-    p = chain.path_of("p1")
-    assert images_equal(srv.uri, p, fb="qcow2").returncode == 0
-    assert check_ok(p) in (0, 3)
-
-
-def ex_coalesce(ranges):
-    from appliance.datapath.extents import coalesce_ranges
-
-    return coalesce_ranges(ranges)

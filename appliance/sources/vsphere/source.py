@@ -86,7 +86,7 @@ class VSphereDiskExport:
 
     @property
     def notes(self) -> list[str]:
-        """Shown with the disk's sync result (appliance/datapath/sync.py reads ``notes``)."""
+        """Shown with the disk's sync result (appliance/replication.py reads ``notes``)."""
         return [self.reason] if self.reason else []
 
     @property
