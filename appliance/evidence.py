@@ -714,6 +714,8 @@ def build(db: Database, run_id: int, disks: dict[str, Any] | None = None) -> dic
             "rpo_s": "reference_time - source_time (when the source snapshot was taken), >= 0",
             "worst_s": max(rpos) if rpos else None,
             "machines": rpo_machines,
+            # A cutover from pre-converted points: the RPO the operator accepted at the stop.
+            "accepted_by_operator": rep.get("rpo_accepted"),
         },
         "disks": disks,
         "preflight": preflight,

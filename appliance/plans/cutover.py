@@ -35,7 +35,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from appliance import inventory
+from appliance import evidence, inventory
 from appliance.config import paths
 from appliance.daemon.jobs import JobContext, JobRunner, Progress
 from appliance.datapath.chain import DiskChain
@@ -622,4 +622,8 @@ class _Cutover:
 
 def run_cutover_job(ctx: JobContext) -> dict[str, Any]:
     run_id = int(ctx.params["run"])
-    return _Cutover(ctx, run_id).execute(str(ctx.params["step"]))
+    try:
+        return _Cutover(ctx, run_id).execute(str(ctx.params["step"]))
+    finally:
+        # Committed, rolled back, failed or interrupted: the signed evidence pack of the run.
+        evidence.after_cutover_job(ctx.db, run_id, ctx.job_id, event=ctx.event)

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
+from appliance import evidence
 from appliance.daemon.jobs import JobContext
 from appliance.errors import Cancelled, Conflict, FerrymanError
 from appliance.plans import records
@@ -47,6 +48,16 @@ def export(db: Database, run_id: int) -> str:
     (out / "report.json").write_text(json.dumps(run, indent=2, default=str) + "\n")
     (out / "report.txt").write_text(report_mod.text(run) + "\n")
     return str(out)
+
+
+def _evidence_disks(db: Database, rep: dict[str, Any], run_id: int) -> dict[str, Any] | None:
+    """Block hashes of the run's disks for its evidence pack, taken before clean-up drops the
+    run's readers (retention may merge a point nobody reads)."""
+    try:
+        return evidence.collect_disks(db, rep, f"evidence pack of test run {run_id}")
+    except Exception:
+        log.exception("hashing the disks of run %s for its evidence pack", run_id)
+        return None  # the pack is still written: it hashes what is left, or says why not
 
 
 def run_testrun(ctx: JobContext) -> dict[str, Any]:
@@ -87,6 +98,7 @@ def run_testrun(ctx: JobContext) -> dict[str, Any]:
     finally:
         ctx.progress.set_phase("cleaning up")
         rep = pr.report if pr is not None else records.run(db, run_id)["report"]
+        disks = _evidence_disks(db, rep, run_id)  # while the run still holds its points
         records.update_run(db, run_id, state="cleaning", step="clean-up", report=rep)
         c = cleanup(db, run_id, rep)
         rep["cleanup"] = c
@@ -98,6 +110,8 @@ def run_testrun(ctx: JobContext) -> dict[str, Any]:
                 level="error",
             )
         records.update_run(db, run_id, state=state, step="done", report=rep, ended=True)
+        ctx.progress.set_phase("writing the evidence pack")
+        evidence.write_logged(db, run_id, disks, event=ctx.event, job_id=ctx.job_id)
         try:
             export(db, run_id)
         except OSError as e:
@@ -124,6 +138,7 @@ def recover_interrupted(db: Database) -> list[dict[str, Any]]:
         run = records.run(db, run_id)
         rep = run["report"] or {}
         if kind == "test":
+            disks = _evidence_disks(db, rep, run_id)
             c = cleanup(db, run_id, rep)
             rep["cleanup"] = c
             rep["error"] = (
@@ -132,6 +147,7 @@ def recover_interrupted(db: Database) -> list[dict[str, Any]]:
             )
             rep["export_dir"] = str(export_dir(run_id))
             records.update_run(db, run_id, state="interrupted", report=rep, ended=True)
+            evidence.write_logged(db, run_id, disks)
             try:
                 export(db, run_id)
             except OSError as e:
@@ -142,6 +158,7 @@ def recover_interrupted(db: Database) -> list[dict[str, Any]]:
                 {"step": step, "state": "interrupted", "detail": "ferrymand stopped mid-step"}
             )
             records.update_run(db, run_id, state="interrupted", report=rep)
+            evidence.write_logged(db, run_id)
             out.append({"run": run_id, "kind": kind, "action": "interrupted", "step": step})
         from store.records import add_event
 

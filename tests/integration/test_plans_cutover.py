@@ -19,6 +19,7 @@ import pytest
 from appliance.errors import FerrymanError
 from appliance.units import MiB
 from tests.helpers.daemon import Env
+from tests.helpers.evidence import check_pack, check_tamper_and_foreign
 from tests.integration.test_plans_daemon import (
     NbdExport,
     PlansDaemon,
@@ -90,7 +91,7 @@ def plan(name: str, subnet: str) -> dict[str, Any]:
     }
 
 
-def test_cutover_steps_commit_and_rollback(fm_env: Env, source: NbdExport) -> None:
+def test_cutover_steps_commit_and_rollback(fm_env: Env, source: NbdExport, tmp_path: Path) -> None:
     d = PlansDaemon(fm_env)
     try:
         replicate(fm_env, "lab", source.uri, "web01")
@@ -124,6 +125,10 @@ def test_cutover_steps_commit_and_rollback(fm_env: Env, source: NbdExport) -> No
             assert st["state"] == "rolled-back", st
             assert "start the source by hand" in st["report"]["steps"][-1]["detail"]
             assert c.machine("web01")["rpo_seconds"] == 7200
+            back = check_pack(fm_env, rid, tmp_path, outcome="rolled-back")
+            assert back["run"]["steps"][-1]["step"] == "rollback"
+            acts = [a["action"] for a in back["operator_actions"]["actions"]]
+            assert acts[0] == "cutover.start" and acts[-1] == "cutover.rollback", acts
 
             # guided cutover to commit
             run = c.cutover_start("go")
@@ -161,6 +166,19 @@ def test_cutover_steps_commit_and_rollback(fm_env: Env, source: NbdExport) -> No
             assert "committed" in str(e.value)
             text = c.cutover_report_text(rid)
             assert "downtime" in text and "step commit: done" in text
+            pack = check_pack(fm_env, rid, tmp_path, outcome="committed", source=source.img)
+            assert pack["summary"]["downtime_s"] == rep["downtime_s"]
+            ev_m = pack["rto"]["machines"]["web01"]
+            assert (ev_m["boot_s"], ev_m["rto_s"]) == (m["phases"]["boot_s"], m["rto_s"])
+            assert pack["rpo"]["machines"]["web01"]["rpo_s"] == 0.0  # taken after the stop
+            assert [p["check"] for p in pack["preflight"]["plan"]][:1] == ["libvirt"]
+            steps = [
+                a["params"].get("step")
+                for a in pack["operator_actions"]["actions"]
+                if a["action"] == "cutover.confirm" and a["who"] == "root" and a["origin"]
+            ]
+            assert steps == ["final-delta", "stop-source", "commit"], steps
+            check_tamper_and_foreign(fm_env, rid, tmp_path)
             # The first cutover left nothing: its network never existed, its disks are gone.
             assert libvirt_names(f"fm-{tag}-c{run['id'] - 1}-") == {"domains": [], "networks": []}
     finally:

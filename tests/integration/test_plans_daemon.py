@@ -21,6 +21,7 @@ import pytest
 
 from appliance.units import MiB
 from tests.helpers.daemon import BIN, Env
+from tests.helpers.evidence import check_pack
 
 
 class PlansDaemon:
@@ -290,6 +291,14 @@ def test_readiness_never_reached_fails_naming_machine_and_check_and_cleans_up(
     text = (out / "report.txt").read_text()
     assert "FAIL console /FERRYMAN-BOOT-OK/" in text and "clean-up: complete" in text
     assert (out / "web01.console.log").exists()
+    # the signed evidence pack: the failure, its phases, the disk that booted, who started it
+    assert json.loads((out / "report.json").read_text())["report"]["evidence"]["file"]
+    pack = check_pack(fm_env, run["id"], fm_env.root, outcome="failed", source=blank_source.img)
+    assert "never passed its console" in pack["summary"]["error"]
+    assert pack["rto"]["machines"]["web01"]["boot_s"] is None
+    assert pack["run"]["cleanup"]["ok"] is True
+    assert pack["rpo"]["machines"]["web01"]["restore_point"] == m["restore_point"]["id"]
+    assert [a["action"] for a in pack["operator_actions"]["actions"]] == ["testrun.start"]
 
 
 def test_daemon_killed_during_a_test_run_is_cleaned_at_restart(
@@ -328,6 +337,7 @@ def test_daemon_killed_during_a_test_run_is_cleaned_at_restart(
             r = c.test_run_show(run["id"])
             job = c.job(run["job"]["id"])
             events = [e["message"] for e in c.events()]
+        check_pack(fm_env, run["id"], fm_env.root, outcome="interrupted")
     finally:
         d.stop()
     assert r["state"] == "interrupted", r
@@ -365,5 +375,6 @@ def test_replication_continues_during_a_test_run_then_cancel_cleans_up(
         done = c.wait_run(run["id"], until=("succeeded", "failed", "cancelled"), timeout=900)
     assert done["state"] == "cancelled", done
     assert done["report"]["cleanup"]["ok"] is True
+    check_pack(fm_env, run["id"], fm_env.root, outcome="cancelled")
     assert libvirt_names(f"fm-{store_tag(fm_env)}-") == {"domains": [], "networks": []}
     assert readers_left(fm_env) == []
