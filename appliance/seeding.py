@@ -57,7 +57,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from appliance import inventory
 from appliance.datapath import extents as ex
-from appliance.datapath.chain import DiskChain
+from appliance.datapath.chain import DiskChain, Overlay
 from appliance.datapath.chain import _write_atomic as _write_file
 from appliance.datapath.copier import ProgressSink, connect
 from appliance.datapath.hashing import BLOCK_SIZE, HashManifest, _zero_hash, hash_export
@@ -446,7 +446,11 @@ def export_seed(
         from appliance.replication import point_name
 
         pname = point_name(int(rp["session_id"]))
-        with contextlib.ExitStack() as stack, open(req.to / JOURNAL, "a") as journal:
+        jp = req.to / JOURNAL
+        if jp.exists() and jp.stat().st_size and not jp.read_bytes().endswith(b"\n"):
+            with open(jp, "a") as torn:  # a record torn by a crash stays alone on its line
+                torn.write("\n")
+        with contextlib.ExitStack() as stack, open(jp, "a") as journal:
             # Hold every disk of the point for the whole export: retention waits.
             paths = {
                 d["disk_key"]: stack.enter_context(
@@ -481,14 +485,22 @@ def export_seed(
                             if progress is not None:
                                 progress.update(length)
                             continue
-                        rec = _export_chunk(
-                            h, sealer, f, key, index, offset, length, max_req, zeros, want
-                        )
+                        try:
+                            rec = _export_chunk(
+                                h, sealer, f, key, index, offset, length, max_req, zeros, want
+                            )
+                            line = _b64(sealer.seal(json.dumps(rec).encode(), "journal"))
+                            journal.write(line + "\n")
+                            journal.flush()
+                            os.fsync(journal.fileno())
+                        except OSError as e:
+                            raise SeedError(
+                                f"cannot write chunk {key}/{index:06d} to {req.to}: {e.strerror}",
+                                hint="free space on the media (or use a bigger one), then run "
+                                "the same export again: it resumes",
+                            ) from e
                         stats["chunks_zero" if rec["zero"] else "chunks_written"] += 1
                         stats["bytes_stored"] += 0 if rec["zero"] else length
-                        journal.write(_b64(sealer.seal(json.dumps(rec).encode(), "journal")) + "\n")
-                        journal.flush()
-                        os.fsync(journal.fileno())
                         done[(key, index)] = rec
                         if progress is not None:
                             progress.update(length)
@@ -528,12 +540,16 @@ def _export_chunk(
         if _all_zero(zeros, offset, offset + length)
         else _read_range(h, offset, length, max_req)
     )
-    if data is None or data.count(0) == length:  # allocated but zero: not stored either
-        return {**rec, "zero": True, "stored_sha256": None, "blocks": None}
+    zero = {**rec, "zero": True, "stored_sha256": None, "blocks": None}
+    if data is None:
+        return zero
+    view = memoryview(data)
     blocks = [
-        hashlib.sha256(memoryview(data)[i : i + BLOCK_SIZE]).digest()
-        for i in range(0, length, BLOCK_SIZE)
+        hashlib.sha256(view[i : i + BLOCK_SIZE]).digest() for i in range(0, length, BLOCK_SIZE)
     ]
+    # Allocated but all zero is not stored either; the block hashes say so for free.
+    if all(b == _zero_hash(min(BLOCK_SIZE, length - j * BLOCK_SIZE)) for j, b in enumerate(blocks)):
+        return zero
     if want is not None:
         first = offset // BLOCK_SIZE
         for j, b in enumerate(blocks):
@@ -779,6 +795,50 @@ def _fmt_disks(d: dict[str, int]) -> str:
     return ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(d.items())) or "none"
 
 
+def _import_disk(
+    ctx: Any,
+    seed: Seed,
+    ov: Overlay,
+    journal: Any,
+    key: str,
+    recs: list[dict[str, Any]],
+    stats: dict[str, int],
+) -> None:
+    """Write one disk's chunks into its partial overlay; each chunk is journalled after the
+    flush that covers it. The overlay is left stopped and unsealed."""
+    from appliance.replication import writer_dir
+
+    done = {o for o, _n in journal.extents(key)}
+    uri = ov.start_writer(writer_dir())
+    try:
+        h = connect(uri, name=f"seed-import-{key}")
+        max_req = min(IO_REQUEST, int(h.get_block_size(nbd.SIZE_MAXIMUM) or IO_REQUEST))
+        for r in recs:
+            ctx.check_cancel()
+            if r["offset"] in done:
+                stats["bytes_skipped_resume"] += r["length"]
+            elif r["zero"]:  # a new base reads as zeroes: nothing to write
+                journal.done(key, r["offset"], r["length"])
+                stats["bytes_zero"] += r["length"]
+            else:
+                data = read_chunk(seed, key, r)
+                for pos in range(0, len(data), max_req):
+                    h.pwrite(data[pos : pos + max_req], r["offset"] + pos)
+                h.flush()  # the journal never claims what is not durable
+                journal.done(key, r["offset"], r["length"])
+                stats["bytes_written"] += r["length"]
+            ctx.progress.update(r["length"])
+        h.shutdown()
+        ov.stop_writer()
+    except BaseException:
+        # What was flushed stays in the partial for a resume of this same seed.
+        try:
+            ov.stop_writer()
+        except Exception:  # the writer died: the error that stopped the import matters
+            ov.kill_writer()
+        raise
+
+
 def run_import(ctx: Any) -> dict[str, Any]:
     """Job 'seed-import': the seed becomes the machine's first restore point (a chain base)."""
     from appliance.replication import (
@@ -839,66 +899,34 @@ def run_import(ctx: Any) -> dict[str, Any]:
         ctx.event(f"{m['name']}: {line}", level="warning")
     ctx.progress.set_total(sum(size for _k, size, _r in seed.disks()))
     stats = {"bytes_written": 0, "bytes_zero": 0, "bytes_skipped_resume": 0}
-    disks_out: list[dict[str, Any]] = []
+    staged = []
     for i, (key, size, recs) in enumerate(seed.disks()):
-        chain = chains[key]
         ctx.progress.set_phase(f"importing disk {key} ({i + 1}/{len(chains)})", disk=key)
-        ov = chain.begin(name, snapshot_id, size)
-        done = {o for o, _n in journal.extents(key)}
-        if done and not ov.resumed:
+        ov = chains[key].begin(name, snapshot_id, size)
+        if not ov.resumed:  # journal rows without their partial overlay mean nothing
             db.execute("DELETE FROM sync_extents WHERE session_id=? AND disk_key=?", [sid, key])
-            done = set()
-        uri = ov.start_writer(writer_dir())
-        try:
-            h = connect(uri, name=f"seed-import-{key}")
-            max_req = min(IO_REQUEST, int(h.get_block_size(nbd.SIZE_MAXIMUM) or IO_REQUEST))
-            for r in recs:
-                ctx.check_cancel()
-                if r["offset"] in done:
-                    stats["bytes_skipped_resume"] += r["length"]
-                elif r["zero"]:  # a new base reads as zeroes: nothing to write
-                    journal.done(key, r["offset"], r["length"])
-                    stats["bytes_zero"] += r["length"]
-                else:
-                    data = read_chunk(seed, key, r)
-                    for pos in range(0, len(data), max_req):
-                        h.pwrite(data[pos : pos + max_req], r["offset"] + pos)
-                    h.flush()  # the journal never claims what is not durable
-                    journal.done(key, r["offset"], r["length"])
-                    stats["bytes_written"] += r["length"]
-                ctx.progress.update(r["length"])
-            h.shutdown()
-        except BaseException:
-            ov.kill_writer()  # the partial stays for a resume of this same seed
-            raise
-        point = ov.seal()
-        man = manifest_of(size, recs)
-        mp = chain.dir / f"{point.name}.manifest.json"
-        man.save(mp)
-        disks_out.append(
-            {
-                "disk_key": key,
-                "path": str(chain.dir / point.file),
-                "size": size,
-                "manifest": str(mp),
-            }
-        )
-    # Read every sealed disk back: the point on disk must equal the seed, block for block.
-    for d in disks_out:
-        ctx.progress.set_phase(f"reading back disk {d['disk_key']}")
-        chain = chains[d["disk_key"]]
-        with (
-            chain.reading(name, f"seed import job {ctx.job_id}") as path,
-            QemuNbd(path, writer_dir(), read_only=True) as reader,
-        ):
-            got = hash_export(reader.uri, disk=d["disk_key"], cancel=ctx.cancel)
-        bad = HashManifest.load(Path(d["manifest"])).diff(got)
+        _import_disk(ctx, seed, ov, journal, key, recs, stats)
+        staged.append((key, ov, manifest_of(size, recs)))
+    # Read every disk back before anything is sealed: equal to the seed, block for block.
+    for key, ov, man in staged:
+        ctx.progress.set_phase(f"reading back disk {key}")
+        with QemuNbd(ov.path, writer_dir(), read_only=True) as reader:
+            got = hash_export(reader.uri, disk=key, cancel=ctx.cancel)
+        bad = man.diff(got)
         if bad:
             raise SeedError(
-                f"the imported disk {d['disk_key']} reads back different from the seed at "
-                f"{_where(d['disk_key'], bad[0])}",
-                hint="check the volume store's disk; run the import again",
+                f"the imported disk {key} reads back different from the seed at "
+                f"{_where(key, bad[0])}",
+                hint="check the volume store's disk (ferryman doctor); run the import again",
             )
+    disks_out: list[dict[str, Any]] = []
+    for key, ov, man in staged:
+        size = ov.size
+        point = ov.seal()
+        mp = ov.chain.dir / f"{point.name}.manifest.json"
+        man.save(mp)
+        path = str(ov.chain.dir / point.file)
+        disks_out.append({"disk_key": key, "path": path, "size": size, "manifest": str(mp)})
     token = seed.body["token"]
     with write_txn(db):
         cur = db.execute(

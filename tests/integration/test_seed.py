@@ -37,12 +37,13 @@ def qemu_io(img: Path, *cmds: str) -> None:
 
 @pytest.fixture
 def tracked(tmp_path: Path) -> Iterator[Export]:
-    """32 MiB qcow2: data in chunks 0, 2 and 5 (of 4 MiB), the rest never written; the
-    bitmap b0 starts before the first sync."""
+    """32 MiB qcow2: data in chunks 0, 2 and 5 (of 4 MiB), chunk 6 written with zeroes, the
+    rest never written; the bitmap b0 starts before the first sync."""
     img = tmp_path / "src.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), str(32 * MiB)], check=True)
     qemu_io(img, f"write -P 0x11 0 {3 * MiB}", f"write -P 0x12 {9 * MiB} {MiB}")
     qemu_io(img, f"write -P 0x13 {20 * MiB} {2 * MiB}")
+    qemu_io(img, f"write -P 0 {24 * MiB} {4 * MiB}")  # allocated, but zeroes: not stored
     subprocess.run(["qemu-img", "bitmap", "--add", str(img), "b0"], check=True)
     exp = Export(img, tmp_path / "src.sock", fmt="qcow2", bitmap="b0")
     exp.start()
