@@ -273,9 +273,58 @@ GUEST_MODULES = [
     "block/virtio_blk.ko",
 ]
 
+# The agent guest: /dev/vda is ext4, mounted; qemu-ga answers on its virtio-serial channel
+# (so libvirt can freeze and thaw it); a loop keeps writing files into it.
+AGENT_INIT = r"""#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /sbin /usr/bin /usr/sbin /mnt /tmp /var/run
+/bin/busybox --install -s
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk \
+         virtio_console crc16 mbcache jbd2 crc32c_generic ext4; do
+  insmod /lib/modules/$m.ko
+done
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+mount -t ext4 /dev/vda /mnt || { echo FERRYMAN-GUEST-NODISK > /dev/ttyS0; exec sh; }
+port=""
+for p in /sys/class/virtio-ports/*; do
+  [ "$(cat $p/name)" = org.qemu.guest_agent.0 ] && port=/dev/$(basename $p)
+done
+/usr/sbin/qemu-ga -m virtio-serial -p "$port" -t /tmp -f /tmp/qga.pid -d
+echo FERRYMAN-GUEST-READY > /dev/ttyS0
+n=0
+while true; do
+  dd if=/dev/urandom of=/mnt/f$((n % 64)) bs=65536 count=1 conv=fsync 2>/dev/null
+  n=$((n+1))
+  sleep 0.2
+done
+"""
+AGENT_MODULES = [
+    "char/virtio_console.ko",
+    "../lib/crc16.ko",
+    "../fs/mbcache.ko",
+    "../fs/jbd2/jbd2.ko",
+    "../crypto/crc32c_generic.ko",
+    "../fs/ext4/ext4.ko",
+]
 
-def build_tiny_guest(out: Path) -> tuple[Path, Path]:
-    """Kernel + initramfs (busybox, virtio modules, the writer init). Cached by content."""
+
+def _copy_with_libs(binary: Path, root: Path) -> None:
+    """``binary`` and every shared library it loads, at the same paths under ``root``."""
+    out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=True).stdout
+    files = [binary] + [Path(w) for w in out.split() if w.startswith("/")]
+    for f in files:
+        dst = root / str(f).lstrip("/")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f.resolve(), dst)
+
+
+def build_tiny_guest(out: Path, agent: bool = False) -> tuple[Path, Path]:
+    """Kernel + initramfs (busybox, virtio modules, the writer init); with ``agent``, also
+    ext4 and qemu-ga (the agent guest's init)."""
     import glob
     import io
 
@@ -291,11 +340,15 @@ def build_tiny_guest(out: Path) -> tuple[Path, Path]:
     (root / "bin").mkdir(parents=True)
     (root / "lib" / "modules").mkdir(parents=True)
     shutil.copy("/usr/bin/busybox", root / "bin" / "busybox")
-    for m in GUEST_MODULES:
+    for m in GUEST_MODULES + (AGENT_MODULES if agent else []):
         shutil.copy(moddir / m, root / "lib" / "modules" / Path(m).name)
-    (root / "init").write_text(GUEST_INIT)
+    if agent:
+        if not Path("/usr/sbin/qemu-ga").exists():
+            pytest.fail("needs qemu-guest-agent on the host (scripts/test installs it)")
+        _copy_with_libs(Path("/usr/sbin/qemu-ga"), root)
+    (root / "init").write_text(AGENT_INIT if agent else GUEST_INIT)
     os.chmod(root / "init", 0o755)
-    initrd = out / "initrd.cpio"
+    initrd = out / ("initrd-agent.cpio" if agent else "initrd.cpio")
     files = subprocess.run(
         ["find", "."], cwd=root, capture_output=True, text=True, check=True
     ).stdout
@@ -308,7 +361,8 @@ def build_tiny_guest(out: Path) -> tuple[Path, Path]:
             check=True,
         )
     k = out / "vmlinuz"
-    shutil.copy(kernel, k)
+    if not k.exists():
+        shutil.copy(kernel, k)
     for p in (k, initrd):
         os.chmod(p, 0o644)
     _ = io
@@ -331,6 +385,8 @@ class TinyGuest:
                 return
             if b"FERRYMAN-GUEST-NODISK" in out:
                 raise RuntimeError(f"guest has no /dev/vda: {out[-2000:]!r}")
+            if b"Kernel panic" in out:
+                raise RuntimeError(f"guest kernel panicked: {out[-2000:]!r}")
             time.sleep(0.5)
         raise TimeoutError(f"guest did not boot: {self.serial.read_bytes()[-2000:]!r}")
 
@@ -353,7 +409,9 @@ def tiny_guest(dp_dir: Path) -> Iterator[Callable[..., TinyGuest]]:
     def make(
         disk_size: int = 64 * MiB,
         chunks: list[tuple[int, int, int]] = (),  # type: ignore[assignment]
+        agent: bool = False,
     ) -> TinyGuest:
+        rd = build_tiny_guest(gdir, agent=True)[1] if agent else initrd
         name = f"fm-test-{uuid.uuid4().hex[:8]}"
         h = uuid.uuid4().hex
         mac = f"{h[0:2]}:{h[2:4]}:{h[4:6]}"
@@ -361,7 +419,16 @@ def tiny_guest(dp_dir: Path) -> Iterator[Callable[..., TinyGuest]]:
         subprocess.run(
             ["qemu-img", "create", "-q", "-f", "qcow2", str(disk), str(disk_size)], check=True
         )
-        if chunks:
+        if agent:  # an ext4 filesystem the guest mounts and writes files into
+            raw = gdir / "fs.raw"
+            subprocess.run(["truncate", "-s", str(disk_size), str(raw)], check=True)
+            subprocess.run(["mkfs.ext4", "-q", "-F", str(raw)], check=True)
+            subprocess.run(
+                ["qemu-img", "convert", "-n", "-f", "raw", "-O", "qcow2", str(raw), str(disk)],
+                check=True,
+            )
+            raw.unlink()
+        elif chunks:
             raw = gdir / "fill.raw"
             subprocess.run(
                 ["qemu-img", "create", "-q", "-f", "raw", str(raw), str(disk_size)], check=True
@@ -374,13 +441,21 @@ def tiny_guest(dp_dir: Path) -> Iterator[Callable[..., TinyGuest]]:
             raw.unlink()
         os.chmod(disk, 0o666)
         serial = gdir / f"{name}.serial"
+        channel = (
+            "\n    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/>"
+            "</channel>"
+            if agent
+            else ""
+        )
+        # no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer check fails
+        # ("IO-APIC + timer doesn't work") and it panics; the check is meaningless in a VM.
         xml = f"""<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>160</memory>
   <vcpu>1</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{kernel}</kernel><initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 quiet panic=-1</cmdline></os>
+    <kernel>{kernel}</kernel><initrd>{rd}</initrd>
+    <cmdline>console=ttyS0 quiet panic=-1 no_timer_check</cmdline></os>
   <on_reboot>destroy</on_reboot>
   <devices>
     <disk type='file' device='disk'>
@@ -388,7 +463,7 @@ def tiny_guest(dp_dir: Path) -> Iterator[Callable[..., TinyGuest]]:
       <source file='{disk}'/>
       <target dev='vda' bus='virtio'/>
     </disk>
-    <serial type='file'><source path='{serial}'/></serial>
+    <serial type='file'><source path='{serial}'/></serial>{channel}
     <interface type='user'><mac address='52:54:00:{mac}'/>
       <model type='virtio'/></interface>
   </devices>

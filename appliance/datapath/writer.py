@@ -38,7 +38,7 @@ STOP_TIMEOUT_S = 30.0  # qemu-nbd flushes on SIGTERM; a large writeback cache ta
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """qemu-nbd gets SIGTERM (flush, exit) when the thread that started it dies, so a
     killed engine never leaves a writer holding the partial overlay's lock. The signal is
     tied to the starting THREAD: start and stop a QemuNbd in the same thread (the job's)."""
@@ -125,7 +125,7 @@ class QemuNbd:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=err,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         end = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < end:

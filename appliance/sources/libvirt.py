@@ -10,6 +10,15 @@ last committed token names is deleted (libvirt merges their bitmaps into the par
 failed sync never leaves bitmaps piling up in the guest's images, and the token's checkpoint
 stays usable until a newer token is committed.
 
+Remote hosts (``qemu+ssh://``): the backup socket and scratch files live on the KVM host in
+``remote_dir``; the data path reaches the socket through an ssh tunnel
+(``appliance/sources/libvirt_remote.py``) and every export's ``nbd_uri`` names the tunnel's
+local socket.
+
+Quiesce: when the guest agent answers, the filesystems are frozen around ``backupBegin`` and
+the point is ``quiesced``; otherwise it is crash-consistent and the session's ``notes`` say
+why (the engine turns them into an event).
+
 When the checkpoint is gone (libvirt lost its metadata, the VM was redefined), the disk set
 changed, or qemu refuses the incremental (bitmap missing or inconsistent), the session falls
 back to a full copy and says why. The backup job is always ended: ``release()`` aborts it,
@@ -37,10 +46,12 @@ from appliance.datapath import extents as ex
 from appliance.datapath.copier import connect
 from appliance.errors import FerrymanError
 from appliance.sources.base import Consistency, DiskInfo, Extent, MachineInfo
+from appliance.sources.libvirt_remote import RemoteHost, Tunnel, is_remote
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "ferryman-"
+REMOTE_DIR = "/var/tmp/ferryman-backup"  # on a qemu+ssh:// host: backup sockets, scratch
 FREEZE_TIMEOUT_S = 10  # guest agent: fsfreeze must answer quickly or we go crash-consistent
 BITMAP_CONTEXT = "qemu:dirty-bitmap:backup-{target}"
 
@@ -92,6 +103,9 @@ class LibvirtSession:
     socket: Path
     scratch: list[Path]
     checkpoint: str
+    notes: list[str] = field(default_factory=list)  # the engine records each as an event
+    remote: RemoteHost | None = None
+    tunnel: Tunnel | None = None
     _released: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -109,10 +123,20 @@ class LibvirtSession:
             if self._released:
                 return
             self._released = True
-        _abort_backup(self.dom)
-        for p in self.scratch:
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        try:
+            _abort_backup(self.dom)
+        finally:
+            if self.tunnel is not None:
+                self.tunnel.close()
+            if self.remote is not None:
+                try:
+                    self.remote.remove(self.scratch)
+                except FerrymanError as e:
+                    log.warning("removing scratch files on %s: %s", self.remote.host, e)
+            else:
+                for p in self.scratch:
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
 
 
 ABORT_WAIT_S = 30.0  # abortJob returns before qemu has torn the NBD export down
@@ -153,13 +177,18 @@ class LibvirtSource:
         *,
         run_dir: Path,
         scratch_dir: Path | None = None,
-        quiesce: bool = True,
+        quiesce: bool | str = True,
+        remote_dir: str = REMOTE_DIR,
         **_ignored: Any,
     ) -> None:
         self.uri = uri
         self.run_dir = Path(run_dir)
         self.scratch_dir = Path(scratch_dir) if scratch_dir else self.run_dir
-        self.quiesce = quiesce
+        self.quiesce = quiesce not in (False, "0", "false", "no")  # --param quiesce=no
+        # A remote host: sockets and scratch files live there, the data goes through ssh.
+        # (qemu+tcp:// and +tls:// still discover; open_session refuses them.)
+        self.remote = RemoteHost(uri) if is_remote(uri) and "+ssh" in uri.split(":")[0] else None
+        self.remote_dir = Path(remote_dir)
         self._conn: Any = None
 
     # -- connection ----------------------------------------------------------------------
@@ -343,6 +372,8 @@ class LibvirtSource:
     def open_session(
         self, machine_ref: str, previous_token: dict[str, Any] | None
     ) -> LibvirtSession:
+        if is_remote(self.uri) and self.remote is None:
+            RemoteHost(self.uri)  # raises: only ssh reaches the backup socket on that host
         dom = self._dom(machine_ref)
         if not dom.isActive():
             raise LibvirtSourceError(
@@ -416,6 +447,8 @@ class LibvirtSource:
         if server is None or not server.get("socket"):
             return None
         sock = Path(server.get("socket", ""))
+        if self.remote is None and not sock.exists():
+            return None
         incremental = _text(bxml.find("incremental")) or None
         disks = []
         scratch = []
@@ -435,29 +468,62 @@ class LibvirtSource:
                     target=t,
                 )
             )
-        if not disks or not sock.exists():
+        if not disks:
             return None
-        return LibvirtSession(
+        session = LibvirtSession(
             snapshot_id=snapshot_id,
             disks=disks,
             full=incremental is None,
             reason="reattached to the running backup job",
+            # The freeze of the crashed run is not known any more: claim no more than this.
             consistency=Consistency.CRASH_CONSISTENT,
             dom=dom,
             socket=sock,
             scratch=scratch,
             checkpoint=snapshot_id,
+            remote=self.remote,
         )
+        try:
+            self._connect_data_path(session, snapshot_id.rsplit("-", 1)[-1])
+        except FerrymanError as e:
+            log.warning("%s: cannot reach the running backup job: %s", dom.name(), e)
+            return None
+        return session
 
-    def _freeze(self, dom: Any) -> bool:
+    def _freeze(self, dom: Any, notes: list[str]) -> bool:
+        """Freeze the guest's filesystems through its agent; False (and a note) when the
+        agent does not answer: the point is then crash-consistent."""
         if not self.quiesce:
             return False
         try:
-            dom.fsFreeze(None, 0)
+            n = dom.fsFreeze(None, 0)
+            log.info("%s: %s filesystems frozen", dom.name(), n)
             return True
         except libvirt.libvirtError as e:
-            log.info("%s: no quiesce (%s): crash-consistent", dom.name(), e.get_error_message())
+            why = (e.get_error_message() or "").strip()
+            log.info("%s: no quiesce (%s): crash-consistent", dom.name(), why)
+            notes.append(
+                f"not quiesced: the guest agent did not answer ({why}); the point is "
+                "crash-consistent"
+            )
             return False
+
+    def _connect_data_path(self, session: LibvirtSession, sid: str) -> None:
+        """Remote host: tunnel the backup socket here and point every export at it. Then
+        wait until the exports answer."""
+        if self.remote is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            session.tunnel = Tunnel(
+                self.remote,
+                self.run_dir / f"bk-{sid}.tunnel.sock",
+                session.socket,
+                self.run_dir / f"bk-{sid}.tunnel.log",
+            )
+            for d in session.disks:
+                d.nbd_uri = session.tunnel.uri(d.target)
+            session.tunnel.wait(session.disks[0].target)
+        else:
+            self._wait_socket(session.socket)
 
     def _begin(
         self,
@@ -469,12 +535,16 @@ class LibvirtSource:
     ) -> LibvirtSession:
         sid = uuid.uuid4().hex[:8]
         cp = f"{CHECKPOINT_PREFIX}{int(time.time())}-{sid}"
-        sock_dir = self.run_dir
-        sock_dir.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(PermissionError):
-            os.chmod(sock_dir, 0o1777)  # libvirt-qemu creates the socket here
+        if self.remote is not None:
+            sock_dir = scratch_dir = self.remote_dir
+            self.remote.prepare_dir(sock_dir)
+        else:
+            sock_dir, scratch_dir = self.run_dir, self.scratch_dir
+            sock_dir.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(PermissionError):
+                os.chmod(sock_dir, 0o1777)  # libvirt-qemu creates the socket here
         sock = sock_dir / f"bk-{sid}.sock"
-        scratch = [self.scratch_dir / f"bk-{sid}-{t}.scratch.qcow2" for t in targets]
+        scratch = [scratch_dir / f"bk-{sid}-{t}.scratch.qcow2" for t in targets]
         bx = ET.Element("domainbackup", mode="pull")
         if incremental:
             ET.SubElement(bx, "incremental").text = incremental
@@ -488,7 +558,8 @@ class LibvirtSource:
         cdisks = ET.SubElement(cx, "disks")
         for t in targets:
             ET.SubElement(cdisks, "disk", name=t, checkpoint="bitmap")
-        frozen = self._freeze(dom)
+        notes: list[str] = []
+        frozen = self._freeze(dom, notes)
         try:
             dom.backupBegin(
                 ET.tostring(bx, encoding="unicode"), ET.tostring(cx, encoding="unicode"), 0
@@ -518,9 +589,11 @@ class LibvirtSource:
             socket=sock,
             scratch=scratch,
             checkpoint=cp,
+            notes=notes,
+            remote=self.remote,
         )
         try:
-            self._wait_socket(sock)
+            self._connect_data_path(session, sid)
         except BaseException:
             session.release()
             raise

@@ -55,8 +55,9 @@ def test_libvirt_full_then_incremental_of_a_writing_guest(tiny_guest, make_chain
     chain = make_chain("vda")
     s1, r1, _, served1, tok1 = _sync(src, g, chain, "p1", dp_sock_dir, None)
     assert s1.full and r1.mode == "full"
-    # No guest agent in this guest: the point is crash-consistent, and says so.
+    # No guest agent in this guest: the point is crash-consistent, and says so and why.
     assert s1.consistency == Consistency.CRASH_CONSISTENT
+    assert len(s1.notes) == 1 and "not quiesced: the guest agent" in s1.notes[0], s1.notes
     assert _point_hash(chain, "p1", dp_sock_dir).digest() == served1.digest()
     assert check_ok(chain.path_of("p1")) in (0, 3)
     # The job is over after release: no backup job left on the domain.
@@ -157,3 +158,64 @@ def test_libvirt_daemon_crash_reattaches_and_resumes(tiny_guest, make_chain, dp_
     assert check_ok(chain.path_of("p1")) in (0, 3)
     assert g.dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
     assert src2.reattach(g.uuid, s1.snapshot_id) is None  # job over: nothing to reattach
+
+
+def _ext4_features(chain, name, dp_dir) -> tuple[str, int]:
+    """dumpe2fs -h of the point's filesystem and e2fsck -fn's exit code."""
+    import subprocess
+
+    raw = dp_dir / f"{name}.raw"
+    subprocess.run(
+        ["qemu-img", "convert", "-O", "raw", str(chain.path_of(name)), str(raw)], check=True
+    )
+    try:
+        feats = subprocess.run(
+            ["dumpe2fs", "-h", str(raw)], capture_output=True, text=True, check=True
+        ).stdout
+        fsck = subprocess.run(["e2fsck", "-fn", str(raw)], capture_output=True, text=True)
+    finally:
+        raw.unlink()
+    line = next(x for x in feats.splitlines() if x.startswith("Filesystem features:"))
+    return line, fsck.returncode
+
+
+def _agent_answers(name: str, timeout: float = 300.0) -> None:
+    import subprocess
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        ping = ["virsh", "-c", "qemu:///system", "qemu-agent-command", name]
+        r = subprocess.run([*ping, '{"execute":"guest-ping"}'], capture_output=True, text=True)
+        if r.returncode == 0:
+            return
+        time.sleep(1)
+    pytest.fail(f"the guest agent of {name} did not answer guest-ping: {r.stderr.strip()}")
+
+
+def test_libvirt_guest_agent_quiesces_else_crash_consistent(
+    tiny_guest, make_chain, dp_dir, dp_sock_dir
+):
+    """A guest whose qemu-ga answers: the filesystem is frozen around the checkpoint, the
+    point says 'quiesced', and its ext4 is clean (no journal to replay). With the freeze
+    off, the same guest's point is crash-consistent: its ext4 still needs recovery."""
+    g = tiny_guest(64 * MiB, agent=True)
+    g.wait_ready()
+    _agent_answers(g.name)
+    src = LibvirtSource("qemu:///system", run_dir=dp_sock_dir / "backup")
+    chain = make_chain("vda")
+    s1, _, _, served1, tok1 = _sync(src, g, chain, "p1", dp_sock_dir, None)
+    assert s1.consistency == Consistency.QUIESCED and s1.notes == []
+    assert tok1["consistency"] == "quiesced"
+    assert _point_hash(chain, "p1", dp_sock_dir).digest() == served1.digest()
+    feats, fsck = _ext4_features(chain, "p1", dp_dir)
+    assert "needs_recovery" not in feats and fsck == 0, (feats, fsck)
+    # The guest was thawed: it goes on writing (the next incremental carries its writes).
+    time.sleep(3)
+    plain = LibvirtSource("qemu:///system", run_dir=dp_sock_dir / "backup", quiesce="no")
+    s2, r2, _, served2, _ = _sync(plain, g, chain, "p2", dp_sock_dir, tok1)
+    assert not s2.full and r2.stats.bytes_read > 0
+    assert s2.consistency == Consistency.CRASH_CONSISTENT
+    assert _point_hash(chain, "p2", dp_sock_dir).digest() == served2.digest()
+    feats2, _ = _ext4_features(chain, "p2", dp_dir)
+    assert "needs_recovery" in feats2, feats2  # mounted, not frozen: a crash image
+    assert check_ok(chain.path_of("p2")) in (0, 3)
