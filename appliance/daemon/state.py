@@ -119,15 +119,6 @@ class DaemonState:
             )
         return inventory.list_sources_by_name(self.db, row["name"])
 
-    def tls_probe(self, uri: str) -> dict[str, Any]:
-        return tls_probe(uri)
-
-    def protect(self, name: str, req: Any) -> dict[str, Any]:
-        m = inventory.machine_row(self.db, name)
-        src = inventory.source_row(self.db, str(m["source_id"]))
-        adapter = adapter_for(self.db, src)
-        prepare = getattr(adapter, "protect", None)
-        if prepare is not None and not m["protected"]:
     def source_edited(self, src: dict[str, Any], changed: list[str], moved: bool, who: str) -> None:
         """An event for the operators, and the new throttle for syncs already running."""
         level = "warning" if moved or src["insecure"] else "info"
@@ -145,6 +136,15 @@ class DaemonState:
             for (mid,) in ids.fetchall():
                 self.runner.set_live(mid, source_throttle_bps=src["params"].get("throttle_bps"))
 
+    def tls_probe(self, uri: str) -> dict[str, Any]:
+        return tls_probe(uri)
+
+    def protect(self, name: str, req: Any) -> dict[str, Any]:
+        m = inventory.machine_row(self.db, name)
+        src = inventory.source_row(self.db, str(m["source_id"]))
+        adapter = adapter_for(self.db, src)
+        prepare = getattr(adapter, "protect", None)
+        if prepare is not None and not m["protected"]:
             # vSphere: preflight (snapshots, independent disks, RDMs, storage) refuses with
             # every reason; then CBT is enabled, with the snapshot a running VM needs for it.
             result = prepare(m["ref"])
