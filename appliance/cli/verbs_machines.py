@@ -123,6 +123,13 @@ def source_hostkey(args: argparse.Namespace) -> Output:
         k = c.ssh_host_key(args.uri)
     text = (
         f"{k['host']}:{k['port']} presents\n  {k['fingerprint']}\n"
+        "Confirm the fingerprint with the server's administrator (ssh-keygen -lf "
+        "/etc/ssh/ssh_host_ed25519_key.pub on the server), then add the source with\n"
+        f"  --param host_key='{k['host_key']}'"
+    )
+    return Output(k, text)
+
+
 def source_edit(args: argparse.Namespace) -> Output:
     params: dict[str, Any] = _params(args.param)
     params.update({k: None for k in args.unset_param})
@@ -146,13 +153,6 @@ def source_edit(args: argparse.Namespace) -> Output:
         )
     what = ", ".join(s["changed"]) or "nothing (the values given are the current ones)"
     return Output(s, f"source {s['name']} changed: {what}")
-
-
-        "Confirm the fingerprint with the server's administrator (ssh-keygen -lf "
-        "/etc/ssh/ssh_host_ed25519_key.pub on the server), then add the source with\n"
-        f"  --param host_key='{k['host_key']}'"
-    )
-    return Output(k, text)
 
 
 def source_test(args: argparse.Namespace) -> Output:
