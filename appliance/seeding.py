@@ -46,6 +46,7 @@ import secrets
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -389,11 +390,8 @@ def _open_for_export(
 
 def _read_range(h: Any, offset: int, length: int, max_req: int) -> bytearray:
     out = bytearray()
-    pos = offset
-    while pos < offset + length:
-        n = min(max_req, offset + length - pos)
-        out += h.pread(n, pos)
-        pos += n
+    for pos in range(offset, offset + length, max_req):
+        out += h.pread(min(max_req, offset + length - pos), pos)
     return out
 
 
@@ -467,44 +465,13 @@ def export_seed(
                     if (want.size, want.block_size) != (size, BLOCK_SIZE):
                         want = None
                 with QemuNbd(paths[key], socket_dir, read_only=True) as reader:
-                    h = connect(reader.uri, name=f"seed-{key}", contexts=[ex.BASE_ALLOCATION])
-                    max_req = min(IO_REQUEST, int(h.get_block_size(nbd.SIZE_MAXIMUM) or IO_REQUEST))
-                    zeros = _zero_ranges(ex.query_extents(h, size)[0])
-                    for index in range(_chunks(size, req.chunk_size)):
-                        if cancel is not None and cancel.is_set():
-                            raise Cancelled(f"seed export of {m['name']} cancelled")
-                        offset = index * req.chunk_size
-                        length = min(req.chunk_size, size - offset)
-                        rec = done.get((key, index))
-                        f = chunk_file(req.to, key, index)
-                        if rec is not None and (
-                            rec["zero"]
-                            or (f.exists() and f.stat().st_size == length + NONCE_BYTES + TAG_BYTES)
-                        ):
-                            stats["chunks_skipped_resume"] += 1
-                            if progress is not None:
-                                progress.update(length)
-                            continue
-                        try:
-                            rec = _export_chunk(
-                                h, sealer, f, key, index, offset, length, max_req, zeros, want
-                            )
-                            line = _b64(sealer.seal(json.dumps(rec).encode(), "journal"))
-                            journal.write(line + "\n")
-                            journal.flush()
-                            os.fsync(journal.fileno())
-                        except OSError as e:
-                            raise SeedError(
-                                f"cannot write chunk {key}/{index:06d} to {req.to}: {e.strerror}",
-                                hint="free space on the media (or use a bigger one), then run "
-                                "the same export again: it resumes",
-                            ) from e
-                        stats["chunks_zero" if rec["zero"] else "chunks_written"] += 1
-                        stats["bytes_stored"] += 0 if rec["zero"] else length
-                        done[(key, index)] = rec
-                        if progress is not None:
-                            progress.update(length)
-                    h.shutdown()
+                    _export_disk(
+                        _DiskJob(reader.uri, key, size, req, sealer, want, journal),
+                        done,
+                        stats,
+                        progress,
+                        cancel,
+                    )
         meta = _metadata(db, m, rp)
         header = _finish_export(req.to, header, sealer, meta, done)
     event(
@@ -522,24 +489,90 @@ def export_seed(
     }
 
 
+@dataclass
+class _DiskJob:
+    uri: str  # the restore point's disk, served read-only
+    key: str
+    size: int
+    req: ExportRequest
+    sealer: Sealer
+    want: HashManifest | None  # the point's own hashes: bit rot is not exported
+    journal: Any  # the open journal file
+
+
+def _export_disk(
+    job: _DiskJob,
+    done: dict[tuple[str, int], dict[str, Any]],
+    stats: dict[str, int],
+    progress: ProgressSink | None,
+    cancel: threading.Event | None,
+) -> None:
+    """Export the chunks of one disk that are not on the media yet. The next chunk is read
+    by a second thread while this one hashes, encrypts and writes; once the extents are
+    known, only that thread uses the handle (one native handle per thread)."""
+    key, size, cs = job.key, job.size, job.req.chunk_size
+    h = connect(job.uri, name=f"seed-{key}", contexts=[ex.BASE_ALLOCATION])
+    max_req = min(IO_REQUEST, int(h.get_block_size(nbd.SIZE_MAXIMUM) or IO_REQUEST))
+    zeros = _zero_ranges(ex.query_extents(h, size)[0])
+    todo: list[tuple[int, int, int]] = []
+    for index in range(_chunks(size, cs)):
+        offset, length = index * cs, min(cs, size - index * cs)
+        rec = done.get((key, index))
+        f = chunk_file(job.req.to, key, index)
+        stored = f.exists() and f.stat().st_size == length + NONCE_BYTES + TAG_BYTES
+        if rec is not None and (rec["zero"] or stored):
+            stats["chunks_skipped_resume"] += 1
+            if progress is not None:
+                progress.update(length)
+        else:
+            todo.append((index, offset, length))
+
+    def load(i: int) -> bytearray | None:
+        _index, offset, length = todo[i]
+        if _all_zero(zeros, offset, offset + length):
+            return None
+        return _read_range(h, offset, length, max_req)
+
+    with ThreadPoolExecutor(1, thread_name_prefix=f"seed-read-{key}") as pool:
+        nxt = pool.submit(load, 0) if todo else None
+        for i, (index, offset, length) in enumerate(todo):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"seed export of {job.req.machine} cancelled")
+            assert nxt is not None
+            data = nxt.result()
+            nxt = pool.submit(load, i + 1) if i + 1 < len(todo) else None
+            f = chunk_file(job.req.to, key, index)
+            try:
+                rec = _export_chunk(job.sealer, f, key, index, offset, length, data, job.want)
+                job.journal.write(_b64(job.sealer.seal(json.dumps(rec).encode(), "journal")))
+                job.journal.write("\n")
+                job.journal.flush()
+                os.fsync(job.journal.fileno())
+            except OSError as e:
+                raise SeedError(
+                    f"cannot write chunk {key}/{index:06d} to {job.req.to}: {e.strerror}",
+                    hint="free space on the media (or use a bigger one), then run the same "
+                    "export again: it resumes",
+                ) from e
+            stats["chunks_zero" if rec["zero"] else "chunks_written"] += 1
+            stats["bytes_stored"] += 0 if rec["zero"] else length
+            done[(key, index)] = rec
+            if progress is not None:
+                progress.update(length)
+    h.shutdown()
+
+
 def _export_chunk(
-    h: Any,
     sealer: Sealer,
     f: Path,
     key: str,
     index: int,
     offset: int,
     length: int,
-    max_req: int,
-    zeros: list[tuple[int, int]],
+    data: bytearray | None,
     want: HashManifest | None,
 ) -> dict[str, Any]:
     rec: dict[str, Any] = {"disk": key, "index": index, "offset": offset, "length": length}
-    data = (
-        None
-        if _all_zero(zeros, offset, offset + length)
-        else _read_range(h, offset, length, max_req)
-    )
     zero = {**rec, "zero": True, "stored_sha256": None, "blocks": None}
     if data is None:
         return zero
@@ -809,25 +842,33 @@ def _import_disk(
     from appliance.replication import writer_dir
 
     done = {o for o, _n in journal.extents(key)}
+    # The next chunk is read and checked by a second thread while this one writes.
+    data_recs = [r for r in recs if not r["zero"] and r["offset"] not in done]
     uri = ov.start_writer(writer_dir())
     try:
         h = connect(uri, name=f"seed-import-{key}")
         max_req = min(IO_REQUEST, int(h.get_block_size(nbd.SIZE_MAXIMUM) or IO_REQUEST))
-        for r in recs:
-            ctx.check_cancel()
-            if r["offset"] in done:
-                stats["bytes_skipped_resume"] += r["length"]
-            elif r["zero"]:  # a new base reads as zeroes: nothing to write
-                journal.done(key, r["offset"], r["length"])
-                stats["bytes_zero"] += r["length"]
-            else:
-                data = read_chunk(seed, key, r)
-                for pos in range(0, len(data), max_req):
-                    h.pwrite(data[pos : pos + max_req], r["offset"] + pos)
-                h.flush()  # the journal never claims what is not durable
-                journal.done(key, r["offset"], r["length"])
-                stats["bytes_written"] += r["length"]
-            ctx.progress.update(r["length"])
+        with ThreadPoolExecutor(1, thread_name_prefix=f"seed-check-{key}") as pool:
+            ahead = [pool.submit(read_chunk, seed, key, r) for r in data_recs[:1]]
+            nxt = 1
+            for r in recs:
+                ctx.check_cancel()
+                if r["offset"] in done:
+                    stats["bytes_skipped_resume"] += r["length"]
+                elif r["zero"]:  # a new base reads as zeroes: nothing to write
+                    journal.done(key, r["offset"], r["length"])
+                    stats["bytes_zero"] += r["length"]
+                else:
+                    data = memoryview(ahead.pop().result())  # names the first bad chunk
+                    if nxt < len(data_recs):
+                        ahead.append(pool.submit(read_chunk, seed, key, data_recs[nxt]))
+                        nxt += 1
+                    for pos in range(0, len(data), max_req):
+                        h.pwrite(data[pos : pos + max_req], r["offset"] + pos)  # no copy
+                    h.flush()  # the journal never claims what is not durable
+                    journal.done(key, r["offset"], r["length"])
+                    stats["bytes_written"] += r["length"]
+                ctx.progress.update(r["length"])
         h.shutdown()
         ov.stop_writer()
     except BaseException:
