@@ -29,6 +29,7 @@ ACTIVE = ("queued", "running")
 PROGRESS_PERSIST_S = 1.0  # write progress to the store at most once a second
 MAX_RESUMES = 3  # a job that keeps killing the daemon is not resumed forever
 RATE_WINDOW_S = 5.0  # rate is averaged over this window: stable ETA on a noisy link
+RATE_MIN_STEPS = 3  # ... and over at least this many progress steps (a slow link)
 
 
 class Progress:
@@ -53,7 +54,11 @@ class Progress:
             self.done += n
             t = self._clock()
             self._samples.append((t, self.done))
-            while self._samples and t - self._samples[0][0] > RATE_WINDOW_S:
+            # Keep what a window ending at a later "now" may need, and the last few steps.
+            while (
+                len(self._samples) > RATE_MIN_STEPS + 1
+                and t - self._samples[1][0] > 2 * RATE_WINDOW_S
+            ):
                 self._samples.pop(0)
 
     def set_phase(self, phase: str, **extra: Any) -> None:
@@ -61,13 +66,23 @@ class Progress:
             self.phase = phase
             self.extra.update(extra)
 
+    def _rate(self, now: float) -> float:
+        """Units per second over the window that ends NOW, not at the last update: on a link
+        that slows down or stops, the rate falls and the ETA grows instead of freezing."""
+        s = self._samples
+        if not s:
+            return 0.0
+        older = [i for i, x in enumerate(s) if x[0] <= now - RATE_WINDOW_S]
+        i = older[-1] if older else 0
+        # A slow link completes a request every few seconds: span at least the last few
+        # steps, spread until now (a pause makes the rate fall, the ETA grow).
+        i = max(0, min(i, len(s) - 1 - RATE_MIN_STEPS))
+        ref = s[i]
+        return (self.done - ref[1]) / (now - ref[0]) if now > ref[0] else 0.0
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            rate = 0.0
-            if len(self._samples) >= 2:
-                (t0, d0), (t1, d1) = self._samples[0], self._samples[-1]
-                if t1 > t0:
-                    rate = (d1 - d0) / (t1 - t0)
+            rate = self._rate(self._clock())
             eta = (self.total - self.done) / rate if rate > 0 and self.total else None
             return {
                 "phase": self.phase,
