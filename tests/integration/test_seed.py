@@ -15,7 +15,7 @@ import shutil
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -58,20 +58,29 @@ def sites(tmp_path: Path) -> Iterator[tuple[Env, Env]]:
         yield a, b
 
 
-def export(env: Env, seed: Path, key: Path, chunk: str, *extra: str) -> dict:  # type: ignore[type-arg]
-    return cli(
-        env,
-        "seed",
-        "export",
-        "web01",
-        "--to",
-        str(seed),
-        "--key-file",
-        str(key),
-        "--chunk-size",
-        chunk,
-        *extra,
-    )
+def export(env: Env, seed: Path, chunk: str, *extra: str) -> dict:  # type: ignore[type-arg]
+    return cli(env, "seed", "export", "web01", "--to", str(seed), *extra, "--chunk-size", chunk)
+
+
+def kill_when(d: Daemon, what: str, count: Callable[[], int], at_least: int = 5) -> int:
+    """kill -9 the daemon as soon as count() reaches at_least (fails if it never does)."""
+    end = time.monotonic() + 120
+    n = 0
+    while time.monotonic() < end and n < at_least:
+        n = count()
+        time.sleep(0.01)
+    d.kill9()
+    if n < at_least:
+        pytest.fail(f"{what}: fewer than {at_least} chunks done within 120 s")
+    return n
+
+
+def extents_done(env: Env) -> int:
+    con = sqlite3.connect(env.db)
+    try:
+        return int(con.execute("SELECT count(*) FROM sync_extents").fetchone()[0])
+    finally:
+        con.close()
 
 
 def fails(env: Env, *args: str) -> str:
@@ -94,7 +103,7 @@ def test_seed_export_corrupt_refused_clean_imports_then_incremental(
     assert full["full"] is True
     seed = tmp_path / "media" / "web01"
     t0 = time.monotonic()
-    job = export(a, seed, key, "4MiB", "--wait")
+    job = export(a, seed, "4MiB", "--key-file", str(key), "--wait")
     export_s = time.monotonic() - t0
     res = job["result"]
     assert job["state"] == "succeeded", job
@@ -174,35 +183,33 @@ def test_seed_export_corrupt_refused_clean_imports_then_incremental(
     print(f"export {export_s:.1f} s, import {import_s:.1f} s, incremental {inc}")
 
 
-def test_export_killed_midway_resumes_without_recopying(fm_env: Env, tmp_path: Path) -> None:
-    """kill -9 of ferrymand in the middle of an export: the next daemon resumes the job,
-    keeps every chunk already on the media (same file, untouched) and completes."""
+def test_export_and_import_killed_midway_resume_without_recopying(
+    fm_env: Env, tmp_path: Path
+) -> None:
+    """kill -9 of ferrymand in the middle of an export, then of the other ferrymand in the
+    middle of the import: each next daemon resumes its job, keeps what is already done (the
+    chunk files untouched, the imported extents not written again) and completes. The seed
+    is made with a passphrase (scrypt) this time."""
     img = tmp_path / "big.raw"
     with open(img, "wb") as f:
         for i in range(256):
             f.write(bytes([i % 250 + 1]) * MiB)
     src = Export(img, tmp_path / "big.sock")
     src.start()
-    key = tmp_path / "k"
-    key.write_bytes(bytes(range(32)))  # a raw 32-byte key file works too
+    pw = tmp_path / "pass"
+    pw.write_text("a long enough passphrase\n")
+    keys = ("--passphrase-file", str(pw))
     seed = tmp_path / "media" / "big"
+    journal = seed / "journal.jsonl"
     d = Daemon(fm_env, "--no-probe")
     try:
         d.wait_ready()
         register(fm_env, src)
         cli(fm_env, "sync", "web01", "--wait")
-        job = export(fm_env, seed, key, "1MiB")
-        journal = seed / "journal.jsonl"
-        end = time.monotonic() + 120
-        lines = 0
-        while time.monotonic() < end:
-            lines = len(journal.read_text().splitlines()) if journal.exists() else 0
-            if lines >= 5:
-                break
-            time.sleep(0.01)
-        d.kill9()
-        if lines < 5:
-            pytest.fail("the export wrote no 5 chunks within 120 s")
+        job = export(fm_env, seed, "1MiB", *keys)
+        kill_when(
+            d, "export", lambda: len(journal.read_text().splitlines()) if journal.exists() else 0
+        )
         before = {
             p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
             for p in (seed / "disk0").glob("*.chunk")
@@ -210,7 +217,7 @@ def test_export_killed_midway_resumes_without_recopying(fm_env: Env, tmp_path: P
         assert 5 <= len(before) < 256, f"killed too late: {len(before)} chunks already there"
         assert json.loads((seed / "seed.json").read_text())["state"] == "exporting"
         with pytest.raises(SeedError, match=r"incomplete: its export stopped before chunk disk0/"):
-            open_seed(seed, str(key), None)
+            open_seed(seed, None, str(pw))
     finally:
         d.stop()
     with running_daemon(fm_env, "--no-probe"):
@@ -228,6 +235,26 @@ def test_export_killed_midway_resumes_without_recopying(fm_env: Env, tmp_path: P
         assert len(after) == 256
         kept = sum(1 for n, v in before.items() if after[n] == v)
         assert kept == res["chunks_skipped_resume"], (kept, res)
-        v = cli(fm_env, "seed", "verify", str(seed), "--key-file", str(key), "--wait")
-        assert v["state"] == "succeeded" and v["result"]["chunks_checked"] == 256, v
-    src.stop()
+
+    b = Env(tmp_path / "b")
+    d = Daemon(b, "--no-probe")
+    try:
+        d.wait_ready()
+        register(b, src)
+        job = cli(b, "seed", "import", str(seed), *keys)
+        n = kill_when(d, "import", lambda: extents_done(b))
+    finally:
+        d.stop()
+    con = sqlite3.connect(b.db)  # nothing half-made is listed
+    assert con.execute("SELECT count(*) FROM restore_points").fetchone()[0] == 0
+    con.close()
+    with running_daemon(b, "--no-probe"):
+        with b.client() as c:
+            done = c.wait(job["id"], timeout=600)
+        assert done["state"] == "succeeded", done
+        res = done["result"]
+        assert res["bytes_skipped_resume"] >= n * MiB, res
+        assert res["bytes_skipped_resume"] + res["bytes_written"] == 256 * MiB, res
+        point, _rp = point_path(b, "web01")
+        src.stop()
+        assert_equal(img, point)
