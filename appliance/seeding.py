@@ -26,7 +26,8 @@ Resume: an export skips chunks whose journal record and file are both there (a c
 written to a temporary name, fsynced, renamed, then journalled). An import records each
 chunk in the sync journal (``sync_extents``) after the flush that covers it and resumes
 into the same partial overlay. A corrupt or missing chunk stops the import with the chunk
-named; nothing is listed as a restore point until every disk is sealed and read back.
+named; every disk is read back equal to the seed before any is sealed, and only then is
+the restore point recorded.
 
 The key never travels in argv or the store: jobs carry the PATH of a key file (32 random
 bytes, hex or raw; ``ferryman seed keygen``) or of a passphrase file (scrypt), and the daemon
