@@ -380,7 +380,7 @@ def _open_for_export(
                 hint="export into an empty directory, or repeat that export's options to resume it",
             )
         return header, _sealer_for(header, req.key_file, req.passphrase_file), True
-    if any(p.name != LOCK for p in req.to.iterdir()):
+    if any(p.name not in (LOCK, "lost+found") for p in req.to.iterdir()):
         raise SeedError(
             f"{req.to} is not empty and holds no seed",
             hint="export into an empty directory (e.g. a new folder on the media)",

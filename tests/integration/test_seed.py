@@ -102,6 +102,11 @@ def test_seed_export_corrupt_refused_clean_imports_then_incremental(
     full = cli(a, "sync", "web01", "--wait")["result"]
     assert full["full"] is True
     seed = tmp_path / "media" / "web01"
+    (seed / "lost+found").mkdir(parents=True)  # a freshly made ext4 on the media
+    (tmp_path / "media" / "notes.txt").write_text("site B, rack 4")
+    line = fails(a, "seed", "export", "web01", "--to", str(tmp_path / "media"), "--key-file",
+                 str(key), "--wait")  # fmt: skip
+    assert "is not empty and holds no seed" in line, line
     t0 = time.monotonic()
     job = export(a, seed, "4MiB", "--key-file", str(key), "--wait")
     export_s = time.monotonic() - t0
