@@ -23,7 +23,17 @@ import pytest
 from appliance.seeding import SeedError, open_seed
 from appliance.units import MiB
 from tests.helpers.daemon import Daemon, Env, run_cli, running_daemon
-from tests.helpers.nbdsrc import Export, assert_equal, cli, point_path, register
+from tests.helpers.nbdsrc import (
+    Export,
+    assert_equal,
+    cli,
+    point_path,
+    register,
+    source,
+    write_random,
+)
+
+_ = source  # fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -263,3 +273,51 @@ def test_export_and_import_killed_midway_resume_without_recopying(
         point, _rp = point_path(b, "web01")
         src.stop()
         assert_equal(img, point)
+
+
+def test_seed_then_hash_compare_incremental_and_rot_not_exported(
+    sites: tuple[Env, Env], source: Export, tmp_path: Path
+) -> None:
+    """An NBD source without a dirty bitmap: the next sync after the import compares block
+    hashes against the manifest the seed brought, and writes only the changed blocks. A
+    restore point that rotted on the source site's disk is not exported."""
+    a, b = sites
+    key = tmp_path / "k"
+    cli(a, "seed", "keygen", str(key))
+    register(a, source)
+    cli(a, "sync", "web01", "--wait")
+    seed = tmp_path / "media" / "web01"
+    job = export(a, seed, "8MiB", "--key-file", str(key), "--wait")
+    assert job["state"] == "succeeded", job
+    register(b, source)
+    assert cli(b, "seed", "import", str(seed), "--key-file", str(key), "--wait")["state"] == (
+        "succeeded"
+    )
+    source.stop()
+    write_random(source.img, 10 * MiB, MiB, 7)
+    source.start()
+    inc = cli(b, "sync", "web01", "--wait")["result"]
+    assert inc["full"] is False and inc["bytes_written"] == MiB, inc
+    point, _rp = point_path(b, "web01")
+    assert_equal(source.img, point)
+
+    # Two bytes flipped inside a data cluster of A's point: the export refuses, naming it.
+    a_point, _ = point_path(a, "web01")
+    extents = json.loads(
+        subprocess.run(
+            ["qemu-img", "map", "--output=json", str(a_point)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    first = next(e for e in extents if e["data"] and e.get("offset") is not None)
+    with open(a_point, "r+b") as f:
+        f.seek(first["offset"] + 4096)
+        old = f.read(2)
+        f.seek(first["offset"] + 4096)
+        f.write(bytes(x ^ 0xFF for x in old))
+    line = fails(a, "seed", "export", "web01", "--to", str(tmp_path / "media" / "again"),
+                 "--key-file", str(key), "--wait")  # fmt: skip
+    where = f"offset {first['start']}"
+    assert "differs from the hashes taken when it was made" in line and where in line, line
