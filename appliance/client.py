@@ -244,6 +244,23 @@ class Client:
     def verify(self, rp_id: int) -> dict[str, Any]:
         return dict(self._call("POST", f"/v1/restore-points/{rp_id}/verify"))
 
+    def verify_boot(
+        self, name: str, *, restore_point: int | None = None, plan: str | None = None
+    ) -> dict[str, Any]:
+        """Convert, boot with no network, check: job 'bootverify' (see appliance/bootverify)."""
+        body = {"restore_point": restore_point, "plan": plan}
+        return dict(self._call("POST", f"/v1/machines/{name}/verify-boot", json=body))
+
+    def set_boot_verify(self, name: str, policy: str, every_s: int | None = None) -> dict[str, Any]:
+        body = {"policy": policy, "every_s": every_s}
+        return dict(self._call("PUT", f"/v1/machines/{name}/boot-verify", json=body))
+
+    def preconverted(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/preconverted"))
+
+    def drop_preconverted(self, name: str) -> dict[str, Any]:
+        return dict(self._call("DELETE", f"/v1/machines/{name}/preconverted"))
+
     def inspect(self, rp_id: int) -> dict[str, Any]:
         return dict(self._call("POST", f"/v1/restore-points/{rp_id}/inspect"))
 
@@ -358,8 +375,11 @@ class Client:
         params = {k: v for k, v in (("a", a), ("b", b)) if v is not None}
         return dict(self._call("GET", f"/v1/plans/{name}/diff", params=params))
 
-    def test_run(self, plan: str, version: int | None = None) -> dict[str, Any]:
-        body = {"version": version}
+    def test_run(
+        self, plan: str, version: int | None = None, *, preconverted: bool = True
+    ) -> dict[str, Any]:
+        """preconverted False: convert every machine even where a pre-converted point fits."""
+        body = {"version": version, "preconverted": preconverted}
         return dict(self._call("POST", f"/v1/plans/{plan}/testruns", json=body))
 
     def test_runs(self, plan: str | None = None) -> list[dict[str, Any]]:
@@ -385,8 +405,14 @@ class Client:
         version: int | None = None,
         mode: str = "guided",
         shutdown_timeout_s: float = 300.0,
+        use_preconverted: bool = False,
     ) -> dict[str, Any]:
-        body = {"version": version, "mode": mode, "shutdown_timeout_s": shutdown_timeout_s}
+        body = {
+            "version": version,
+            "mode": mode,
+            "shutdown_timeout_s": shutdown_timeout_s,
+            "use_preconverted": use_preconverted,
+        }
         return dict(self._call("POST", f"/v1/plans/{plan}/cutovers", json=body))
 
     def cutover_status(self, run_id: int) -> dict[str, Any]:

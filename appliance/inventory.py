@@ -408,6 +408,7 @@ def restore_points(db: Database, machine_id: int) -> list[dict[str, Any]]:
     for rp in rps:
         rp["token"] = loads(rp["token"]) or {}
         rp["inspection"] = loads(rp["inspection"])
+        rp["boot_report"] = loads(rp.get("boot_report"))  # appliance/bootverify.py
         rp["disks"] = [
             {"disk_key": k, "path": p, "size": s, "manifest": mf}
             for k, p, s, mf in db.execute(

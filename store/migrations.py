@@ -194,3 +194,36 @@ def m001_initial(db: Database) -> None:
         );
         """,
     )
+
+
+@migrations()
+def m004_boot_verify(db: Database) -> None:
+    """Boot-verified and pre-converted restore points (appliance/bootverify.py)."""
+    _run(
+        db,
+        """
+        ALTER TABLE restore_points ADD COLUMN boot_verified_at TEXT;
+        -- JSON: job, reason, seconds, console log path, checks; or {"skipped": why}
+        ALTER TABLE restore_points ADD COLUMN boot_report TEXT;
+        -- 'off' | 'every-sync' | 'schedule' (every boot_verify_every_s seconds)
+        ALTER TABLE machines ADD COLUMN boot_verify TEXT NOT NULL DEFAULT 'off';
+        ALTER TABLE machines ADD COLUMN boot_verify_every_s INTEGER;
+        -- The converted overlays kept of the newest bootable point of each machine ('current')
+        -- and the previous ones waiting until nothing reads them any more ('retired').
+        CREATE TABLE preconverted (
+            id INTEGER PRIMARY KEY,
+            machine_id INTEGER NOT NULL REFERENCES machines(id) ON DELETE CASCADE,
+            restore_point_id INTEGER NOT NULL REFERENCES restore_points(id),
+            state TEXT NOT NULL CHECK (state IN ('current','retired')),
+            disks TEXT NOT NULL,          -- JSON [{disk_key, path, chain, point, reader}]
+            backend TEXT NOT NULL,
+            custom_key TEXT NOT NULL,     -- hash of the conversion's plan customisation
+            plan TEXT,                    -- the plan whose customisation was applied
+            convert_seconds REAL,
+            boot_seconds REAL,
+            created_at TEXT NOT NULL
+        );
+        CREATE UNIQUE INDEX preconverted_current ON preconverted(machine_id)
+            WHERE state='current';
+        """,
+    )

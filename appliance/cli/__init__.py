@@ -61,6 +61,7 @@ def verb_adder(sub: Any, common: argparse.ArgumentParser) -> Callable[..., argpa
 
 def build_parser() -> argparse.ArgumentParser:
     from appliance.cli import (
+        verbs_bootverify,
         verbs_core,
         verbs_evidence,
         verbs_machines,
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         verbs_support,
         verbs_seed,
         verbs_evidence,
+        verbs_bootverify,
     ):
         module.register(sub, common)
     return parser

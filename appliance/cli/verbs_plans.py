@@ -155,7 +155,7 @@ def _run_line(r: dict[str, Any]) -> str:
 
 def testrun_start(args: argparse.Namespace) -> Output:
     with Client() as c:
-        r = c.test_run(args.plan, args.version)
+        r = c.test_run(args.plan, args.version, preconverted=not args.convert)
         if args.wait:
             r = c.wait_run(r["id"], until=RUN_DONE, timeout=args.timeout)
             text = c.test_run_report_text(r["id"])
@@ -213,6 +213,7 @@ def cutover_start(args: argparse.Namespace) -> Output:
             version=args.version,
             mode=args.mode,
             shutdown_timeout_s=args.shutdown_timeout,
+            use_preconverted=args.use_preconverted,
         )
         return Output(r, "preflight passed\n" + _cutover_text(r, c))
 
@@ -320,6 +321,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = verb(tr, "start", testrun_start, "test-run a plan (clean-up always follows)")
     p.add_argument("plan")
     p.add_argument("--version", type=int)
+    p.add_argument(
+        "--convert",
+        action="store_true",
+        help="convert every machine, even where a pre-converted point would boot at once",
+    )
     waiting(p)
     p = verb(tr, "show", testrun_show, "state, phases and checks of a run")
     p.add_argument("run", type=int)
@@ -347,6 +353,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         type=parse_duration,
         default=300,
         help="guest shutdown before a hard power-off (default 5m)",
+    )
+    p.add_argument(
+        "--use-preconverted",
+        action="store_true",
+        help="no last delta: boot each machine's pre-converted point (RTO = boot time); you "
+        "accept losing what the sources wrote since those points (their age is the RPO)",
     )
     p = verb(co, "confirm", cutover_confirm, "run the step the cutover waits for")
     p.add_argument("run", type=int)

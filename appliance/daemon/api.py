@@ -423,6 +423,9 @@ def create_app(state: DaemonState) -> FastAPI:
 
     app.include_router(build_router(state))
     app.include_router(evidence_router())
+    from appliance.bootverify_api import build_router as bootverify_router
+
+    app.include_router(bootverify_router(state))
     from appliance.daemon import api_seeds
 
     app.include_router(api_seeds.build_router(state))

@@ -83,6 +83,12 @@ def _seed_verify(ctx: JobContext) -> dict[str, Any]:
     return seeding.run_verify(ctx)
 
 
+def _bootverify(ctx: JobContext) -> dict[str, Any]:
+    from appliance import bootverify
+
+    return bootverify.run_boot_verify(ctx)
+
+
 def all_specs() -> list[JobSpec]:
     from appliance.plans import jobs as plan_jobs
 
@@ -99,6 +105,13 @@ def all_specs() -> list[JobSpec]:
             _convert,
             needs_machine=True,
             description="convert a restore point onto a throw-away overlay",
+        ),
+        JobSpec(
+            "bootverify",
+            _bootverify,
+            singleton=True,  # one at a time; holds no machine lock: syncs go on
+            description="convert a restore point on throw-away overlays, boot it with no "
+            "network, run its readiness checks, mark it bootable or not",
         ),
         JobSpec(
             "probe",

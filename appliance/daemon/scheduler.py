@@ -107,4 +107,14 @@ class Scheduler:
                 started.append(m["id"])
             except FerrymanError as e:  # an operator's job got there first
                 log.info("scheduler: %s: %s", m["name"], e)
+        self.boot_verify(db)
         return started
+
+    def boot_verify(self, db: Database) -> None:
+        """Boot verifications that are due (appliance/bootverify.py); never stops a tick."""
+        from appliance import bootverify
+
+        try:
+            bootverify.tick(db, self._runner)
+        except FerrymanError as e:
+            log.info("scheduler: boot verification: %s", e)

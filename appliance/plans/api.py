@@ -36,6 +36,14 @@ class RunRequest(BaseModel):
     version: int | None = Field(default=None, description="default: the newest version")
 
 
+class TestRunRequest(RunRequest):
+    preconverted: bool = Field(
+        default=True,
+        description="boot a machine's pre-converted point (no conversion) when the run uses "
+        "that point; false: always convert",
+    )
+
+
 class CutoverRequest(RunRequest):
     mode: str = Field(
         default="guided",
@@ -44,6 +52,11 @@ class CutoverRequest(RunRequest):
         "step: every step waits for its confirmation",
     )
     shutdown_timeout_s: float = Field(default=300.0, ge=5, le=3600)
+    use_preconverted: bool = Field(
+        default=False,
+        description="skip the last delta: boot each machine's pre-converted point (RTO = boot "
+        "time); the operator accepts losing what the sources wrote since those points",
+    )
 
 
 class ApproveRequest(BaseModel):
@@ -64,18 +77,25 @@ def _who(request: Request) -> tuple[str, str]:
     return c.user, c.origin
 
 
+def run_audited(
+    state: DaemonState, request: Request, action: str, params: dict[str, Any], fn: Any
+) -> Any:
+    """fn(who, origin) for an operator, its outcome in the audit trail (refusals too)."""
+    who, origin = _who(request)
+    try:
+        out = fn(who, origin)
+    except FerrymanError as e:
+        state.audit(who, origin, action, params, f"refused: {e.message}")
+        raise
+    state.audit(who, origin, action, params, "ok")
+    return out
+
+
 def build_router(state: DaemonState) -> APIRouter:
     r = APIRouter(tags=["plans"])
 
     def audited(request: Request, action: str, params: dict[str, Any], fn: Any) -> Any:
-        who, origin = _who(request)
-        try:
-            out = fn(who, origin)
-        except FerrymanError as e:
-            state.audit(who, origin, action, params, f"refused: {e.message}")
-            raise
-        state.audit(who, origin, action, params, "ok")
-        return out
+        return run_audited(state, request, action, params, fn)
 
     # -- plans ---------------------------------------------------------------------------
 
@@ -118,12 +138,15 @@ def build_router(state: DaemonState) -> APIRouter:
     # -- test runs -----------------------------------------------------------------------
 
     @r.post("/v1/plans/{name}/testruns", status_code=202)
-    def start_testrun(name: str, req: RunRequest, request: Request) -> dict[str, Any]:
+    def start_testrun(name: str, req: TestRunRequest, request: Request) -> dict[str, Any]:
         def go(who: str, origin: str) -> dict[str, Any]:
             run_id = testrun.start(state.db, name, req.version)
             try:
                 job = state.runner.submit(
-                    "testrun", params={"run": run_id, "plan": name}, who=who, origin=origin
+                    "testrun",
+                    params={"run": run_id, "plan": name, "preconverted": req.preconverted},
+                    who=who,
+                    origin=origin,
                 )
             except FerrymanError:
                 records.update_run(state.db, run_id, state="failed", step="refused", ended=True)
@@ -169,7 +192,7 @@ def build_router(state: DaemonState) -> APIRouter:
             audited(
                 request,
                 "cutover.start",
-                {"plan": name, "mode": req.mode},
+                {"plan": name, "mode": req.mode, "use_preconverted": req.use_preconverted},
                 lambda who, _o: cutover.start(
                     state.db,
                     name,
@@ -177,6 +200,7 @@ def build_router(state: DaemonState) -> APIRouter:
                     who,
                     mode=req.mode,
                     shutdown_timeout_s=req.shutdown_timeout_s,
+                    use_preconverted=req.use_preconverted,
                 ),
             )
         )

@@ -30,6 +30,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +252,48 @@ def preflight(db: Database, plan: Plan) -> list[dict[str, Any]]:
     return out
 
 
+def _preconverted_point(db: Database, plan: Plan, name: str) -> dict[str, Any] | None:
+    """The machine's pre-converted point if it was converted as this plan converts it."""
+    from appliance import preconverted
+    from appliance.plans.runner import conversion_backend, customisation, machine_macs
+
+    m = inventory.machine_row(db, name)
+    cur = preconverted.current(db, m["id"])
+    if cur is None:
+        return None
+    mp = plan.machine(name)
+    rp = next(
+        (r for r in inventory.restore_points(db, m["id"]) if r["id"] == cur["restore_point_id"]),
+        None,
+    )
+    if rp is None:
+        return None
+    key = preconverted.custom_key(
+        conversion_backend(mp, rp), customisation(mp, machine_macs(plan.name, mp, m))
+    )
+    pre = preconverted.usable(db, m["id"], rp["id"], key)
+    return {**pre, "source_time": rp["source_time"]} if pre else None
+
+
+def preconverted_checks(db: Database, plan: Plan) -> list[dict[str, Any]]:
+    """--use-preconverted: every machine needs a pre-converted point made for this plan."""
+    out = []
+    for mp in plan.machines:
+        pre = _preconverted_point(db, plan, mp.machine)
+        out.append(
+            {
+                "check": f"{mp.machine}: pre-converted point",
+                "ok": pre is not None,
+                "detail": f"point {pre['restore_point_id']} (source time {pre['source_time']})"
+                if pre
+                else "none for this plan's conversion",
+                "fix": f"ferryman verify-boot {mp.machine} --plan {plan.name} --wait, "
+                "or cut over without --use-preconverted",
+            }
+        )
+    return out
+
+
 def start(
     db: Database,
     plan_name: str,
@@ -258,10 +301,13 @@ def start(
     who: str,
     mode: str = "guided",
     shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S,
+    use_preconverted: bool = False,
 ) -> dict[str, Any]:
     p = records.get(db, plan_name, version)
     plan = check_document(p["document"], Inventory.from_db(db))
     checks = preflight(db, plan)
+    if use_preconverted:
+        checks += preconverted_checks(db, plan)
     bad = [c for c in checks if not c["ok"]]
     if bad:
         raise CutoverRefused(
@@ -282,6 +328,7 @@ def start(
         "sources": {},
         "points": {},
         "approval": approval.initial(db, who),
+        "use_preconverted": use_preconverted,
     }
     records.update_run(db, run_id, report=rep)
     return status(db, run_id)
@@ -472,6 +519,34 @@ class _Cutover:
         self.rep["stopped_wall"] = self.rep["stop_started_wall"]
         return ", ".join(f"{o.machine}: {o.action} in {o.seconds:.1f}s" for o in outs)
 
+    def _preconverted_points(self) -> str:
+        """--use-preconverted: the last delta is skipped; each machine boots its
+        pre-converted point, and the report keeps the RPO the operator accepted."""
+        pts: dict[str, int] = {}
+        accepted: dict[str, Any] = {}
+        stopped = float(self.rep.get("stopped_wall") or time.time())
+        for n in self.machines:
+            pre = _preconverted_point(self.db, self.plan, n)
+            if pre is None:
+                raise RunError(
+                    f"'{n}' has no pre-converted point for plan '{self.plan.name}' any more",
+                    hint=f"roll back (ferryman cutover rollback {self.run_id}) and cut over "
+                    "without --use-preconverted",
+                )
+            src = datetime.fromisoformat(pre["source_time"]).timestamp()
+            pts[n] = int(pre["restore_point_id"])
+            accepted[n] = {
+                "restore_point": pts[n],
+                "source_time": pre["source_time"],
+                "rpo_s": round(stopped - src, 1),  # writes after this point are not carried
+            }
+        self.rep["points"] = pts
+        self.rep["rpo_accepted"] = accepted
+        return "skipped, pre-converted points used: " + ", ".join(
+            f"{n}: point {a['restore_point']} (RPO {a['rpo_s']:.0f} s accepted)"
+            for n, a in accepted.items()
+        )
+
     def _seal(self) -> str:
         pts = self.rep.get("points") or {}
         missing = [n for n in self.machines if n not in pts]
@@ -598,7 +673,11 @@ class _Cutover:
                 fn = {
                     "final-delta": lambda: self._delta("final-delta"),
                     "stop-source": self._stop,
-                    "last-delta": lambda: self._delta("last-delta"),
+                    "last-delta": lambda: (
+                        self._preconverted_points()
+                        if self.rep.get("use_preconverted")
+                        else self._delta("last-delta")
+                    ),
                     "seal": self._seal,
                     "bring-up": self._bring_up,
                     "commit": self._commit,

@@ -108,6 +108,8 @@ class KnownMachine:
     cutover_done: bool
     nics: list[dict[str, Any]]
     restore_points: dict[int, bool]  # id -> verified ok
+    bootable: int = 0  # boot-verified points ("latest-verified" picks the newest)
+    boot_verify: str = "off"  # automatic boot verification (appliance/bootverify.py)
 
 
 @dataclass
@@ -122,11 +124,16 @@ class Inventory:
         ):
             out[name] = KnownMachine(mid, name, bool(prot), bool(cut), loads(nics) or [], {})
         by_id = {m.id: m for m in out.values()}
-        for rid, mid, verified in db.execute(
-            "SELECT id, machine_id, verified FROM restore_points WHERE state='sealed'"
+        for rid, mid, verified, boot in db.execute(
+            "SELECT id, machine_id, verified, boot_verified FROM restore_points "
+            "WHERE state='sealed'"
         ):
             if mid in by_id:
                 by_id[mid].restore_points[int(rid)] = verified == "ok"
+                by_id[mid].bootable += boot == "bootable" and verified != "mismatch"
+        for mid, policy in db.execute("SELECT id, boot_verify FROM machines"):
+            if mid in by_id:
+                by_id[mid].boot_verify = str(policy)
         return cls(out)
 
 
@@ -354,6 +361,16 @@ def _rules(doc: dict[str, Any], inv: Inventory | None) -> list[Problem]:
                 )
                 continue
             rp = m.get("restore_point", "latest")
+            if rp == "latest-verified" and not km.bootable and km.boot_verify == "off":
+                out.append(
+                    Problem(
+                        f"{p}.restore_point",
+                        f"machine '{name}' has no boot-verified restore point and none is "
+                        "verified automatically",
+                        f"ferryman verify-boot {name} --auto every-sync (or run it once: "
+                        f"ferryman verify-boot {name} --wait), or use 'latest'",
+                    )
+                )
             if isinstance(rp, int) and rp not in km.restore_points:
                 out.append(
                     Problem(

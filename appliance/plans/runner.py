@@ -42,7 +42,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from appliance import inventory
+from appliance import inventory, preconverted
 from appliance.config import paths
 from appliance.convert import api as convert_api
 from appliance.datapath.chain import DiskChain
@@ -124,15 +124,94 @@ def _resolve_point(db: Database, m: dict[str, Any], policy: str | int) -> dict[s
             )
         return rp
     if policy == "latest-verified":
-        rps = [r for r in rps if r.get("verified") == "ok"]
+        # Boot-verified: converted and booted with no network, its checks passed
+        # (appliance/bootverify.py), and never failed a hash verification.
+        rps = [
+            r
+            for r in rps
+            if r.get("boot_verified") == "bootable" and r.get("verified") != "mismatch"
+        ]
     if not rps:
-        what = "verified restore point" if policy == "latest-verified" else "restore point"
+        what = "boot-verified restore point" if policy == "latest-verified" else "restore point"
         raise RunError(
             f"machine '{m['name']}' has no {what}",
-            hint=f"sync it first: ferryman sync {m['name']} --wait"
-            + (", then ferryman point verify ID" if policy == "latest-verified" else ""),
+            hint=f"verify its newest point: ferryman verify-boot {m['name']} --wait"
+            if policy == "latest-verified"
+            else f"sync it first: ferryman sync {m['name']} --wait",
         )
     return rps[-1]
+
+
+def machine_macs(plan_name: str, mp: MachinePlan, row: dict[str, Any]) -> list[str]:
+    """The MAC of each NIC of the plan's machine: the source's, a generated one, or given."""
+    src = [n.get("mac", "") for n in row.get("nics") or []]
+    out = []
+    for i, nic in enumerate(mp.nics):
+        if nic.mac == "keep" and i < len(src) and src[i]:
+            out.append(src[i].lower())
+        elif nic.mac in ("keep", "new"):
+            out.append(generated_mac(plan_name, mp.machine, i))
+        else:
+            out.append(nic.mac.lower())
+    return out
+
+
+def customisation(mp: MachinePlan, macs: list[str]) -> dict[str, Any] | None:
+    """What the conversion writes into the guest for this plan (host name, addresses)."""
+    ifs = []
+    for i, nic in enumerate(mp.nics):
+        if nic.address is None:
+            continue
+        entry: dict[str, Any] = {"name": f"eth{i}", "mac": macs[i], "ipv4": [nic.address]}
+        if nic.gateway:
+            entry["gateway4"] = nic.gateway
+        if nic.dns:
+            entry["dns"] = nic.dns
+        ifs.append(entry)
+    out: dict[str, Any] = {}
+    if mp.hostname:
+        out["hostname"] = mp.hostname
+    if ifs:
+        out["interfaces"] = ifs
+    return out or None
+
+
+def conversion_backend(mp: MachinePlan, rp: dict[str, Any]) -> str:
+    """builtin | virt-v2v | none: the plan's choice, "auto" decided by the stored inspection."""
+    if mp.conversion != "auto":
+        return mp.conversion
+    insp = rp.get("inspection") or {}
+    return "virt-v2v" if insp.get("os_type") == "windows" else "builtin"
+
+
+def domain_spec(
+    db: Database,
+    mp: MachinePlan,
+    row: dict[str, Any],
+    *,
+    name: str,
+    title: str,
+    disks: list[Path],
+    console: Path,
+    nics: list[virt.NicSpec],
+    cache: str,
+    metadata: dict[str, str],
+) -> virt.DomainSpec:
+    """The domain of a plan's machine: the plan's sizes, else the source's."""
+    return virt.DomainSpec(
+        name=name,
+        title=title,
+        memory_mib=mp.memory_mib or row.get("memory_mib") or DEFAULT_MEMORY_MIB,
+        cpus=mp.cpus or row.get("cpus") or DEFAULT_CPUS,
+        disks=disks,
+        console_log=console,
+        domain_type=virt.domain_type(db),
+        disk_bus=mp.disk_bus,
+        firmware=mp.firmware or ("uefi" if row.get("firmware") == "efi" else "bios"),
+        nics=nics,
+        cache=cache,
+        metadata=metadata,
+    )
 
 
 def machine_checks(mp: MachinePlan) -> list[Check]:
@@ -162,6 +241,7 @@ class PlanRun:
         phase: Callable[[str], None] | None = None,
         points: dict[str, int] | None = None,  # cutover: machine -> sealed restore point id
         clock: Callable[[], float] = time.monotonic,
+        use_preconverted: bool = True,  # boot a pre-converted point instead of converting
     ) -> None:
         self.db = db
         self.run_id = run_id
@@ -172,6 +252,7 @@ class PlanRun:
         self._phase = phase
         self.points = points or {}
         self.clock = clock
+        self.use_preconverted = use_preconverted
         self.abort = threading.Event()  # stop everything: job cancelled or a machine failed
         self._stop_watch = threading.Event()
         self._dblock = threading.RLock()
@@ -297,34 +378,10 @@ class PlanRun:
             conn.close()
 
     def _customisation(self, mr: MachineRun) -> dict[str, Any] | None:
-        ifs = []
-        for i, nic in enumerate(mr.plan.nics):
-            if nic.address is None:
-                continue
-            entry: dict[str, Any] = {"name": f"eth{i}", "mac": mr.macs[i], "ipv4": [nic.address]}
-            if nic.gateway:
-                entry["gateway4"] = nic.gateway
-            if nic.dns:
-                entry["dns"] = nic.dns
-            ifs.append(entry)
-        out: dict[str, Any] = {}
-        if mr.plan.hostname:
-            out["hostname"] = mr.plan.hostname
-        if ifs:
-            out["interfaces"] = ifs
-        return out or None
+        return customisation(mr.plan, mr.macs)
 
     def _macs(self, mr: MachineRun) -> list[str]:
-        src = [n.get("mac", "") for n in mr.row.get("nics") or []]
-        out = []
-        for i, nic in enumerate(mr.plan.nics):
-            if nic.mac == "keep" and i < len(src) and src[i]:
-                out.append(src[i].lower())
-            elif nic.mac in ("keep", "new"):
-                out.append(generated_mac(self.plan.name, mr.plan.machine, i))
-            else:
-                out.append(nic.mac.lower())
-        return out
+        return machine_macs(self.plan.name, mr.plan, mr.row)
 
     def convert(self, mr: MachineRun) -> None:
         """Overlays over the restore point's disks; the boot disk converted in place."""
@@ -336,10 +393,9 @@ class PlanRun:
         targets = [base / f"{mr.plan.machine}-{tag}{d['disk_key']}.qcow2" for d in disks]
         for t in targets:
             self._record("overlays", str(t))
-        conversion = mr.plan.conversion
-        if conversion == "auto":
-            insp = mr.rp.get("inspection") or {}
-            conversion = "virt-v2v" if insp.get("os_type") == "windows" else "builtin"
+        conversion = conversion_backend(mr.plan, mr.rp)
+        if self._from_preconverted(mr, conversion, disks, targets):
+            return
         for i, (d, target) in enumerate(zip(disks, targets, strict=True)):
             if self.abort.is_set():
                 raise Cancelled(f"conversion of {mr.plan.machine} stopped")
@@ -371,13 +427,56 @@ class PlanRun:
                 }
             else:
                 convert_api.create_overlay(Path(d["path"]), target)
-        mr.disks = targets
-        mr.t["convert_end"] = self.since()
-        mr.state = "converted"
-        self._publish()
+        self._converted(mr, targets)
         self.event(
             f"{mr.plan.machine} converted in {mr.t['convert_end'] - mr.t['convert_start']:.1f} s"
         )
+
+    def _converted(self, mr: MachineRun, disks: list[Path]) -> None:
+        mr.disks = disks
+        mr.t["convert_end"] = self.since()
+        mr.state = "converted"
+        self._publish()
+
+    def _from_preconverted(
+        self, mr: MachineRun, conversion: str, disks: list[dict[str, Any]], targets: list[Path]
+    ) -> bool:
+        """Thin overlays over the machine's pre-converted point when it is this point,
+        converted as this plan converts it: no conversion, the RTO is the boot."""
+        if not self.use_preconverted or conversion == "none":
+            return False
+        key = preconverted.custom_key(conversion, self._customisation(mr))
+        pre = preconverted.usable(self.db, mr.row["id"], mr.rp["id"], key)
+        if pre is None:
+            return False
+        by_key = {d["disk_key"]: d for d in pre["disks"]}
+        try:
+            for d, target in zip(disks, targets, strict=True):
+                convert_api.create_overlay(Path(by_key[d["disk_key"]]["path"]), target)
+        except (FerrymanError, KeyError) as e:  # retired under us: convert after all
+            for t in targets:
+                t.unlink(missing_ok=True)
+            self.event(f"{mr.plan.machine}: pre-converted point unusable ({e}); converting")
+            return False
+        mr.conversion = {
+            "backend": "preconverted",
+            "seconds": 0.0,
+            "steps": {},
+            "changes": 0,
+            "verify_ok": True,
+            "preconverted": {
+                "restore_point": pre["restore_point_id"],
+                "backend": pre["backend"],
+                "converted_at": pre["created_at"],
+                "convert_s": pre["convert_seconds"],
+            },
+        }
+        self._converted(mr, targets)
+        self.event(
+            f"{mr.plan.machine}: pre-converted restore point {mr.rp['id']} used, no conversion "
+            f"(it took {pre['convert_seconds']} s when it was verified)"
+        )
+        return True
 
     def _domain_xml(self, mr: MachineRun) -> str:
         nics = []
@@ -387,19 +486,16 @@ class PlanRun:
                 nics.append(virt.NicSpec(mac=mac, bridge=net.bridge))
             else:
                 nics.append(virt.NicSpec(mac=mac, network=self._net_names[nic.network]))
-        firmware = mr.plan.firmware or ("uefi" if mr.row.get("firmware") == "efi" else "bios")
         return virt.domain_xml(
-            virt.DomainSpec(
+            domain_spec(
+                self.db,
+                mr.plan,
+                mr.row,
                 name=mr.domain,
                 title=f"ferryman {self.kind} run {self.run_id} of plan {self.plan.name}: "
                 f"{mr.plan.machine}",
-                memory_mib=mr.plan.memory_mib or mr.row.get("memory_mib") or DEFAULT_MEMORY_MIB,
-                cpus=mr.plan.cpus or mr.row.get("cpus") or DEFAULT_CPUS,
                 disks=mr.disks,
-                console_log=mr.console,
-                domain_type=virt.domain_type(self.db),
-                disk_bus=mr.plan.disk_bus,
-                firmware=firmware,
+                console=mr.console,
                 nics=nics,
                 cache="unsafe" if self.kind == "test" else "none",
                 metadata={

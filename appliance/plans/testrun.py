@@ -78,6 +78,7 @@ def run_testrun(ctx: JobContext) -> dict[str, Any]:
             cancel=ctx.cancel,
             event=lambda msg, level="info": ctx.event(msg, level=level, run=run_id),
             phase=ctx.progress.set_phase,
+            use_preconverted=bool(ctx.params.get("preconverted", True)),
         )
         pr.report["job"] = ctx.job_id
         ctx.progress.set_phase("resolving restore points")

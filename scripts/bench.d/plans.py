@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +29,10 @@ def run(ids: list[str]) -> list[dict[str, Any]]:
     os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
     os.environ.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
     from tests.e2e.test_testrun_two_tier import two_tier_run
-    from tests.helpers.daemon import Env
+    from tests.helpers.daemon import scratch_env
 
-    base = Path(os.environ.get("FERRYMAN_TEST_SCRATCH", "/var/tmp"))
-    with tempfile.TemporaryDirectory(prefix="ferryman-bench-plan-", dir=base) as tmp:
-        env = Env(Path(tmp))
-        saved = {k: os.environ.get(k) for k in env.vars()}
-        os.environ.update(env.vars())
-        try:
-            result = two_tier_run(env, Path(tmp))
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with scratch_env("ferryman-bench-plan-") as env:
+        result = two_tier_run(env, env.root)
     rep = result["report"]
     t = rep.get("totals") or {}
     parts = []

@@ -54,6 +54,26 @@ class Env:
         return Client(self.socket, user="test")
 
 
+@contextmanager
+def scratch_env(prefix: str) -> Iterator[Env]:
+    """A throw-away Env the process environment points at (benchmarks), restored after."""
+    import tempfile
+
+    base = Path(os.environ.get("FERRYMAN_TEST_SCRATCH", "/var/tmp"))
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=base) as tmp:
+        env = Env(Path(tmp))
+        saved = {k: os.environ.get(k) for k in env.vars()}
+        os.environ.update(env.vars())
+        try:
+            yield env
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
 def run_cli(env: Env, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "ferryman"), *args],

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from appliance.errors import Conflict
+from store.migrations import migrations
 from tests.helpers.daemon import Daemon, Env, run_cli, running_daemon
 
 pytestmark = pytest.mark.integration
@@ -42,7 +43,8 @@ def alive(pid: int) -> bool:
 def test_api_through_client_and_cli(daemon: Daemon, fm_env: Env) -> None:
     with fm_env.client() as c:
         h = c.health()
-        assert h["pid"] == daemon.proc.pid and h["schema"] == "m001_initial"
+        newest = migrations._migrations[-1].name  # every migration applied at start
+        assert h["pid"] == daemon.proc.pid and h["schema"] == newest
         assert c.jobs() == []
         assert "/v1/jobs" in c.openapi()["paths"]
     r = run_cli(fm_env, "status", "--json")
