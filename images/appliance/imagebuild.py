@@ -17,12 +17,15 @@ and a build must be repeatable. Every download is cached under
    ``mkfs.ext4 -d`` makes the root file system natively, and one libguestfs launch installs GRUB.
 
 Cache keys are content hashes, never a version to bump by hand: a stage's key hashes the path,
-executable bit and bytes of every file git tracks among its inputs (``git ls-files``, as they
-are in the working tree), so any change to an input rebuilds the stage and everything after it.
-The rootfs hashes the package lists, ``rootfs.sh`` and this file; the image hashes the rootfs
-and wheelhouse keys, every tracked file of ``images/appliance/`` and Ferryman's sources
-(``pyproject.toml``, ``appliance/``, ``store/``, ``tui/``). The Ferryman wheel is built from
-exactly those tracked files, so an untracked scratch file neither changes the key nor ships.
+executable bit and bytes of every file among its inputs that git tracks or would track
+(``git ls-files --cached --others --exclude-standard``: what .gitignore excludes, such as
+``__pycache__``, is no input), as the files are in the working tree, so any change to an input
+rebuilds the stage and everything after it.
+The rootfs hashes the package lists, ``rootfs.sh`` and the source of the functions of this file
+that make it; the image hashes the rootfs and wheelhouse keys, every tracked file of
+``images/appliance/`` and Ferryman's sources (``pyproject.toml``, ``appliance/``, ``store/``,
+``tui/``). build() snapshots those files once and builds from the snapshot, so the key names
+exactly what is in the image.
 
 ``build()`` returns the image path and writes ``<image>.json`` with the size and the versions
 inside. ``bundle()`` builds an offline update bundle (wheels + manifest + sha256 sidecar).
@@ -34,6 +37,7 @@ import contextlib
 import datetime
 import fcntl
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -57,7 +61,7 @@ PART_START = 2048  # sectors
 PROJECT_DIRS = ("appliance", "store", "tui")
 PROJECT_INPUTS = ("pyproject.toml", *PROJECT_DIRS)
 ROOTFS_INPUTS = tuple(
-    f"images/appliance/{n}" for n in ("packages.txt", "packages.lock", "rootfs.sh", "imagebuild.py")
+    f"images/appliance/{n}" for n in ("packages.txt", "packages.lock", "rootfs.sh")
 )
 RECIPE_INPUTS = ("images/appliance",)
 
@@ -107,11 +111,13 @@ def _sha(*parts: bytes) -> str:
     return h.hexdigest()[:16]
 
 
-def tracked_files(paths: tuple[str, ...]) -> list[Path]:
-    """Every file git tracks under ``paths`` (repository-relative), plus any of ``paths`` that
-    is itself a file (tracked or not: a first build writes the lock files before their commit)."""
+def tracked_names(paths: tuple[str, ...]) -> list[str]:
+    """Every file under ``paths`` (repository-relative) that git tracks or would track: the
+    tracked ones and the new ones .gitignore does not exclude (a module written but not yet
+    added must not be missing from the image), plus any of ``paths`` that is itself a file."""
+    listing = ["ls-files", "-z", "--cached", "--others", "--exclude-standard"]
     r = subprocess.run(
-        ["git", "-C", str(REPO), "ls-files", "-z", "--", *paths],
+        ["git", "-C", str(REPO), *listing, "--", *paths],
         capture_output=True,
         check=False,
     )
@@ -122,16 +128,16 @@ def tracked_files(paths: tuple[str, ...]) -> list[Path]:
         )
     names = {n for n in r.stdout.decode().split("\0") if n}
     names |= {p for p in paths if (REPO / p).is_file()}
-    return [REPO / n for n in sorted(names)]
+    return sorted(names)
 
 
-def content_key(paths: tuple[str, ...]) -> str:
-    """Hash of the tracked files under ``paths`` as they are in the working tree: path,
-    executable bit and bytes (a symlink by its target; a tracked file deleted from the working
-    tree by its absence)."""
+def _key_of(root: Path, names: list[str]) -> str:
+    """Hash of the files ``names`` under ``root``: path, executable bit and bytes (a symlink by
+    its target; a tracked file deleted from the working tree by its absence)."""
     h = hashlib.sha256()
-    for f in tracked_files(paths):
-        h.update(str(f.relative_to(REPO)).encode() + b"\0")
+    for name in names:
+        f = root / name
+        h.update(name.encode() + b"\0")
         if f.is_symlink():
             h.update(b"link:" + os.readlink(f).encode())
         elif f.is_file():
@@ -141,6 +147,24 @@ def content_key(paths: tuple[str, ...]) -> str:
             h.update(b"deleted")
         h.update(b"\0")
     return h.hexdigest()[:16]
+
+
+def content_key(paths: tuple[str, ...]) -> str:
+    """Key of the tracked files under ``paths`` as they are in the working tree now."""
+    return _key_of(REPO, tracked_names(paths))
+
+
+def snapshot(paths: tuple[str, ...], dest: Path) -> str:
+    """Copy the tracked files under ``paths`` into ``dest`` (same relative paths, modes kept)
+    and return the key of the copies: the key names exactly what was copied, even when the
+    working tree changes during a build (other people edit the same checkout)."""
+    names = tracked_names(paths)
+    for name in names:
+        f = REPO / name
+        if f.is_symlink() or f.exists():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest / name, follow_symlinks=False)
+    return _key_of(dest, names)
 
 
 def _file_sha256(path: Path) -> str:
@@ -213,7 +237,14 @@ def lock_path() -> Path:
 
 
 def rootfs_key() -> str:
-    return _sha(content_key(ROOTFS_INPUTS).encode(), SUITE.encode())
+    """Package lists, rootfs.sh and the code of this file that makes the tree (the source of
+    those functions, so that an edit elsewhere in this file does not cost a Debian rebuild)."""
+    code = (_run, _lines, _chroot_mounts, apt_mirror, _sources, rootfs_tarball)
+    return _sha(
+        content_key(ROOTFS_INPUTS).encode(),
+        SUITE.encode(),
+        *(inspect.getsource(f).encode() for f in code),
+    )
 
 
 def rootfs_tarball(*, refresh: bool = False) -> Path:
@@ -413,23 +444,26 @@ def project_version() -> str:
     return str(_project()["version"])
 
 
-def release_id() -> str:
-    return f"{project_version()}-{project_key()[:8]}"
+def release_id(key: str | None = None) -> str:
+    return f"{project_version()}-{(key or project_key())[:8]}"
 
 
-def project_wheel(dest: Path, logf: Path, version: str | None = None) -> Path:
-    """A wheel of Ferryman built from a copy of the sources (the checkout stays clean).
+def project_wheel(
+    dest: Path, logf: Path, version: str | None = None, source: Path | None = None
+) -> tuple[Path, str]:
+    """A wheel of Ferryman built from a copy of the sources (the checkout stays clean), and the
+    key of the sources it was built from (project_key() of that copy).
 
+    ``source`` is a snapshot() of PROJECT_INPUTS to build from (default: the working tree).
     ``version`` stamps another version into the copy (pyproject.toml and
     ``appliance.__version__``): hotfix bundles, and the tests of update and rollback.
     """
     src = dest / "src"
-    src.mkdir(parents=True)
-    # Exactly the files project_key() hashes: the tracked ones, as they are in the working tree.
-    for f in tracked_files(PROJECT_INPUTS):
-        if f.exists():
-            (src / f.relative_to(REPO)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, src / f.relative_to(REPO), follow_symlinks=False)
+    if source is None:
+        key = snapshot(PROJECT_INPUTS, src)
+    else:
+        shutil.copytree(source, src, symlinks=True)
+        key = _key_of(src, tracked_names(PROJECT_INPUTS))
     if version:
         old = project_version()
         for rel, before, after in (
@@ -459,7 +493,7 @@ def project_wheel(dest: Path, logf: Path, version: str | None = None) -> Path:
     wheels = list((dest / "wheel").glob("ferryman-*.whl"))
     if len(wheels) != 1:
         raise BuildError(f"building the Ferryman wheel gave {wheels}; see {logf}")
-    return wheels[0]
+    return wheels[0], key
 
 
 def bundle(out_dir: Path, *, release: str | None = None, version: str | None = None) -> Path:
@@ -467,13 +501,13 @@ def bundle(out_dir: Path, *, release: str | None = None, version: str | None = N
     cache = cache_dir()
     logf = cache / "bundle.log"
     logf.write_text("")
-    release = release or (f"{version}-{project_key()[:8]}" if version else release_id())
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bundle-", dir=cache))
     try:
         stage = work / "stage"
         (stage / "wheels").mkdir(parents=True)
-        wheel = project_wheel(work / "build", logf, version)
+        wheel, key = project_wheel(work / "build", logf, version)
+        release = release or (f"{version}-{key[:8]}" if version else release_id(key))
         for w in [*wheelhouse().glob("*.whl"), wheel]:
             shutil.copy2(w, stage / "wheels" / w.name)
         files = {
@@ -580,21 +614,24 @@ def _versions(tree: Path, logf: Path) -> dict[str, object]:
     }
 
 
-def _make_tree(tree: Path, logf: Path) -> dict[str, object]:
+def _make_tree(
+    tree: Path, logf: Path, rootfs: Path, src: Path, image_keys: dict[str, str]
+) -> dict[str, object]:
+    """The root tree from the ``rootfs`` tarball, the recipe and Ferryman's sources in the
+    snapshot ``src`` (see build()), keyed by ``image_keys``."""
     env = dict(
         os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C.UTF-8", FERRYMAN_ROOT_UUID=ROOT_UUID
     )
     tree.mkdir()
-    _run(
-        ["tar", "-C", str(tree), "--numeric-owner", "--xattrs", "-xf", str(rootfs_tarball())], logf
-    )
-    _run(["bash", str(HERE / "customize.sh"), str(tree)], logf, env=env)
+    _run(["tar", "-C", str(tree), "--numeric-owner", "--xattrs", "-xf", str(rootfs)], logf)
+    _run(["bash", str(src / "recipe/images/appliance/customize.sh"), str(tree)], logf, env=env)
     # The Ferryman release: the same code path as an update bundle applied on the appliance.
     wh = tree / "tmp/wheelhouse"
     wh.mkdir()
     for w in wheelhouse().glob("*.whl"):
         shutil.copy2(w, wh)
-    project_wheel(tree / "tmp/projwheel", logf)
+    project_wheel(tree / "tmp/projwheel", logf, source=src / "project")
+    release = release_id(image_keys["ferryman_sources"])
     for w in (tree / "tmp/projwheel/wheel").glob("*.whl"):
         shutil.copy2(w, wh)
     with _chroot_mounts(tree, {}):
@@ -606,7 +643,7 @@ def _make_tree(tree: Path, logf: Path) -> dict[str, object]:
                 "install-wheels",
                 "/tmp/wheelhouse",
                 "--release",
-                release_id(),
+                release,
             ],
             logf,
             env=env,
@@ -615,10 +652,10 @@ def _make_tree(tree: Path, logf: Path) -> dict[str, object]:
     shutil.rmtree(tree / "tmp/projwheel")
     versions = _versions(tree, logf)
     info = {
-        "image_key": image_key(),
-        "keys": keys(),
+        "image_key": image_keys["image"],
+        "keys": image_keys,
         "built": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "ferryman": {"version": project_version(), "release": release_id()},
+        "ferryman": {"version": project_version(), "release": release},
         **versions,
     }
     (tree / "etc/ferryman").mkdir(exist_ok=True)
@@ -704,15 +741,27 @@ def build(*, refresh: bool = False) -> Path:
         if out.exists() and not refresh:
             return out
         t0 = time.monotonic()
-        rootfs_tarball(refresh=refresh)
+        rootfs = rootfs_tarball(refresh=refresh)
         wheelhouse()
-        out = image_path()  # a first build writes packages.lock, which is part of the key
-        logf = out.with_suffix(".log")
-        logf.write_text("")
         work = Path(tempfile.mkdtemp(prefix="image-", dir=cache))
         try:
+            # One snapshot of the recipe and the sources, taken after the first build wrote
+            # packages.lock (part of the key): the key names exactly what goes into the image.
+            src = work / "src"
+            image_keys = {
+                "rootfs": rootfs.stem.removeprefix("rootfs-"),
+                "wheels": deps_key(),
+                "ferryman_sources": snapshot(PROJECT_INPUTS, src / "project"),
+                "recipe": snapshot(RECIPE_INPUTS, src / "recipe"),
+            }
+            image_keys["image"] = _sha(*(k.encode() for k in image_keys.values()))
+            out = cache / f"ferryman-appliance-{image_keys['image']}.qcow2"
+            if out.exists() and not refresh:
+                return out
+            logf = out.with_suffix(".log")
+            logf.write_text("")
             log.info("assembling the root tree")
-            info = _make_tree(work / "tree", logf)
+            info = _make_tree(work / "tree", logf, rootfs, src, image_keys)
             log.info("making the disk (mkfs.ext4 -d, GRUB through libguestfs)")
             raw = work / "disk.raw"
             _make_disk(work / "tree", raw, logf)
