@@ -265,7 +265,9 @@ class _Verification:
             path = Path(d["path"])
             chain = DiskChain(path.parent)
             point = point_name(int(self.rp["session_id"]))
-            target = preconverted.staging_path(self.m["id"], self.rp["id"], d["disk_key"])
+            target = preconverted.staging_path(
+                self.m["id"], self.rp["id"], d["disk_key"], self.ctx.job_id
+            )
             target.parent.mkdir(parents=True, exist_ok=True)
             target.unlink(missing_ok=True)
             rid = preconverted.hold(chain, point, target)

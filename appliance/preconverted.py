@@ -79,8 +79,9 @@ def usable(db: Database, machine_id: int, rp_id: int, key: str) -> dict[str, Any
     return cur
 
 
-def staging_path(machine_id: int, rp_id: int, disk_key: str) -> Path:
-    return machine_dir(machine_id) / f"rp{rp_id}-{disk_key}.qcow2"
+def staging_path(machine_id: int, rp_id: int, disk_key: str, job_id: int) -> Path:
+    """One file per verification: verifying a point again never touches the kept one."""
+    return machine_dir(machine_id) / f"rp{rp_id}-job{job_id}-{disk_key}.qcow2"
 
 
 def hold(chain: DiskChain, point: str, overlay: Path) -> str:

@@ -17,6 +17,7 @@ from appliance.daemon.kinds import all_specs
 from appliance.plans.model import Check, Inventory, MachinePlan, validate
 from appliance.plans.runner import customisation
 from store.db import dumps, now, open_store
+from tests.helpers.daemon import Env
 
 
 def _store(path: Path) -> Database:
@@ -195,3 +196,39 @@ def test_a_host_side_panic_is_not_the_guests_fault() -> None:
     guest = "the console shows: [   21.1] Kernel panic - not syncing: Attempted to kill init!"
     assert bootverify.host_failure(failed(guest)) is None
     assert bootverify.host_failure([CheckResult("c", "console", True, 1.0, tcg)]) is None
+
+
+def test_cutover_use_preconverted_needs_one_made_for_the_plan(tmp_path: Path, fm_env: Env) -> None:
+    from appliance.plans.cutover import preconverted_checks
+    from appliance.plans.model import parse
+
+    db = _store(tmp_path / "s.db")
+    _point(db, 1, "bootable")
+    plan = parse({**_plan("latest"), "machines": [{"machine": "web01", "rank": 1}]})
+    (check,) = preconverted_checks(db, plan)
+    assert check["ok"] is False and check["detail"] == "none for this plan's conversion"
+    assert check["fix"].startswith("ferryman verify-boot web01 --plan bv --wait")
+    made_for = {"backend": "builtin", "plan": "bv", "convert_seconds": 1.0, "boot_seconds": 2.0}
+
+    def disks(job: int) -> list[dict[str, str]]:
+        f = preconverted.staging_path(1, 1, "sda", job)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"")
+        return [
+            {
+                "disk_key": "sda",
+                "path": str(f),
+                "chain": str(tmp_path),
+                "point": "rp1",
+                "reader": "x",
+            }
+        ]
+
+    other = preconverted.custom_key("builtin", {"hostname": "elsewhere"})
+    preconverted.keep(db, 1, 1, disks(5), key=other, **made_for)  # another plan's host name
+    assert preconverted_checks(db, plan)[0]["ok"] is False
+    # Verified again for this plan: the earlier overlay is deleted, the new one kept.
+    preconverted.keep(db, 1, 1, disks(6), key=preconverted.custom_key("builtin", None), **made_for)
+    assert not preconverted.staging_path(1, 1, "sda", 5).exists()
+    (check,) = preconverted_checks(db, plan)
+    assert check["ok"] is True and check["detail"].startswith("point 1 (source time ")
