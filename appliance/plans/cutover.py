@@ -53,6 +53,9 @@ STEPS = ["final-delta", "stop-source", "last-delta", "seal", "bring-up", "commit
 CONFIRM = {"final-delta", "stop-source", "commit"}
 AUTO_AFTER_STOP = ["last-delta", "seal", "bring-up"]
 SHUTDOWN_TIMEOUT_S = 300.0  # guest shutdown before a hard power-off (Windows updates...)
+# A delta step waits this long for a machine's running job (a scheduled sync, a verify) to end.
+BUSY_WAIT_S = 1800.0
+BUSY_POLL_S = 2.0
 POWER_POLL_S = 1.0
 FINAL = ("committed", "rolled-back")
 
@@ -449,16 +452,8 @@ class _Cutover:
         """One sync per machine (parallel, each on its own store connection)."""
         from appliance import replication
 
-        for m in self.machines.values():
-            row = self.db.execute(
-                "SELECT id, kind FROM jobs WHERE machine_id=? AND state IN ('queued','running')",
-                [m["id"]],
-            ).fetchone()
-            if row:
-                raise RunError(
-                    f"machine '{m['name']}' has job {row[0]} ({row[1]}) running",
-                    hint=f"wait for it, then confirm {which} again",
-                )
+        self._pause_protection()  # no scheduled sync starts while the cutover runs
+        self._wait_idle(which)
 
         def one(m: dict[str, Any]) -> dict[str, Any]:
             db = open_store(paths().db, migrate=False)
@@ -492,12 +487,46 @@ class _Cutover:
             for n, r in results.items()
         )
 
-    def _stop(self) -> str:
-        # Pause continuous protection first: no scheduled sync between the stop and the delta.
+    def _pause_protection(self) -> None:
+        """Continuous protection off for the machines of the cutover; rollback restores it."""
         saved = self.rep.setdefault("rpo_saved", {})
         for n, m in self.machines.items():
             saved.setdefault(n, m["rpo_seconds"])
             self.db.execute("UPDATE machines SET rpo_seconds=NULL WHERE id=?", [m["id"]])
+        self.save()
+
+    def _wait_idle(self, which: str) -> None:
+        """Let a machine's running job (a scheduled sync, a verify) finish before our delta."""
+        end = time.monotonic() + BUSY_WAIT_S
+        while True:
+            busy = [
+                (m["name"], *row)
+                for m in self.machines.values()
+                for row in self.db.execute(
+                    "SELECT id, kind FROM jobs WHERE machine_id=? AND state IN "
+                    "('queued','running')",
+                    [m["id"]],
+                ).fetchall()
+            ]
+            if not busy:
+                return
+            name, job_id, kind = busy[0]
+            if time.monotonic() >= end:
+                raise RunError(
+                    f"machine '{name}' still has job {job_id} ({kind}) running after "
+                    f"{BUSY_WAIT_S:.0f} s",
+                    hint=f"cancel it (ferryman job cancel {job_id}), then confirm {which} again",
+                )
+            if self.ctx.cancel.is_set():
+                raise Cancelled(f"cutover {self.run_id}: cancelled while waiting for job {job_id}")
+            self.ctx.progress.set_phase(
+                f"cutover {self.run_id}: {which} waits for job {job_id} ({kind}) of {name}"
+            )
+            time.sleep(BUSY_POLL_S)
+
+    def _stop(self) -> str:
+        # Pause continuous protection first: no scheduled sync between the stop and the delta.
+        self._pause_protection()
         timeout = float(self.rep.get("shutdown_timeout_s") or SHUTDOWN_TIMEOUT_S)
         self.rep["stop_started_wall"] = time.time()
         self.rep.setdefault("sources", {})

@@ -107,8 +107,15 @@ def test_cutover_steps_commit_and_rollback(fm_env: Env, source: NbdExport, tmp_p
             with pytest.raises(FerrymanError) as e:
                 c.cutover_start("go")  # the machine is in an open cutover
             assert "no other cutover" in str(e.value)
+            # A (scheduled) sync still running when final-delta is confirmed: the cutover
+            # waits for it instead of failing, then takes its own delta.
+            c.set_machine("web01", throttle_bps=4 * MiB)  # 32 MiB read: about 8 s
+            busy = c.sync("web01")["id"]
             c.cutover_confirm(rid, "final-delta")
             assert settle(c, rid)["next"] == "stop-source"
+            assert c.job(busy)["state"] == "succeeded", c.job(busy)
+            assert c.machine("web01")["rpo_seconds"] is None  # paused from final-delta on
+            c.set_machine("web01", clear_throttle=True)
             c.cutover_confirm(rid, "stop-source")
             st = settle(c, rid)
             assert st["next"] == "last-delta"
