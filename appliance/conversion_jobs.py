@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance import inventory
+from appliance.config import paths
 from appliance.daemon.jobs import JobContext
 from appliance.datapath.chain import DiskChain
 from appliance.errors import FerrymanError, NotFound
@@ -63,11 +64,23 @@ def run_inspect(ctx: JobContext) -> dict[str, Any]:
     return {"restore_point": rp["id"], **out}
 
 
+def preview_path(rp_id: int, job_id: int) -> Path:
+    """Where a preview converts: beside the chains (same filesystem), deleted at the end."""
+    return paths().volume_dir / "previews" / f"rp{rp_id}-job{job_id}.qcow2"
+
+
 def run_convert(ctx: JobContext) -> dict[str, Any]:
+    """Convert onto a named overlay, or with ``preview``: onto a throw-away one that is
+    deleted (and its reader dropped) as soon as the result is known."""
     from appliance.convert.api import convert
 
     rp, boot, chain, point = _point(ctx)
-    overlay = Path(ctx.params["overlay"])
+    preview = bool(ctx.params.get("preview"))
+    if preview:
+        overlay = preview_path(int(rp["id"]), ctx.job_id)
+        overlay.unlink(missing_ok=True)  # a crash's leftover of this very job
+    else:
+        overlay = Path(ctx.params["overlay"])
     if overlay.exists():
         raise FerrymanError(f"{overlay} already exists", hint="choose a new file name")
 
@@ -87,6 +100,14 @@ def run_convert(ctx: JobContext) -> dict[str, Any]:
     except BaseException:
         chain.remove_reader(point, rid)
         raise
+    if preview:
+        overlay.unlink(missing_ok=True)
+        chain.remove_reader(point, rid)
+        ctx.event(
+            f"restore point {rp['id']} converts ({res.backend}) in {res.seconds:.0f} s "
+            "(preview; the overlay is deleted)"
+        )
+        return {"restore_point": rp["id"], "preview": True, **res.to_dict()}
     ctx.event(
         f"restore point {rp['id']} converted ({res.backend}) to {overlay} in "
         f"{res.seconds:.0f} s; remove the file when done, then: ferryman point release "

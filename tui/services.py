@@ -21,15 +21,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from sqlite_utils import Database
-
-from appliance.client import Client
 from appliance.config import paths
 from appliance.errors import FerrymanError
 from store.db import open_readonly
+
+if TYPE_CHECKING:
+    from sqlite_utils import Database
+
+    from appliance.client import Client
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,10 @@ class Services:
         if self._client is None:
             with self._lock:
                 if self._client is None:
+                    # Imported here, in the first worker: httpx (~60 ms of CPU) loads while
+                    # the event loop composes and paints the first screen.
+                    from appliance.client import Client
+
                     self._client = Client(self.socket_path, user=self.user)
         return self._client
 
@@ -152,16 +158,6 @@ class Services:
 
     def cutover_rollback(self, run_id: int) -> dict[str, Any]:
         return self.client.cutover_rollback_run(run_id)
-
-    def update_source(self, name: str, **fields: Any) -> dict[str, Any]:
-        fn = getattr(self.client, "update_source", None)
-        if fn is None:  # one line to wire when the API can change a source in place
-            raise FerrymanError(
-                f"this ferrymand cannot change source '{name}' in place",
-                hint="remove the source and add it again (its machines must be unprotected "
-                "first), or update Ferryman",
-            )
-        return dict(fn(name, **fields))
 
 
 # -- local pre-checks, so that a typo never reaches the daemon --------------------------------

@@ -351,7 +351,10 @@ def preflight(args: argparse.Namespace) -> Output:
 
 def convert(args: argparse.Namespace) -> Output:
     with Client() as c:
-        job = c.convert(args.id, str(Path(args.to).resolve()), args.backend)
+        if args.preview:  # onto a throw-away overlay the daemon deletes at the end
+            job = c.convert_preview(args.id, args.backend)
+        else:
+            job = c.convert(args.id, str(Path(args.to).resolve()), args.backend)
         return _maybe_wait(c, job, args.wait, f"convert point {args.id}")
 
 
@@ -470,7 +473,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "convert", convert, "convert a restore point onto a new overlay (the chain is only read)"
     )
     p.add_argument("id", type=int)
-    p.add_argument("--to", required=True, help="the new qcow2 file")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to", help="the new qcow2 file")
+    target.add_argument(
+        "--preview", action="store_true", help="does it convert? onto a throw-away overlay"
+    )
     p.add_argument("--backend", choices=["builtin", "virt-v2v"])
     p.add_argument("--wait", action="store_true")
     p = verb("audit-log", audit_show, "who did what, from where")

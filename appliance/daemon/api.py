@@ -72,8 +72,13 @@ class SyncRequest(BaseModel):
 
 
 class ConvertRequest(BaseModel):
-    overlay: str = Field(min_length=1, description="new qcow2 file for the converted guest")
+    overlay: str | None = Field(
+        default=None, min_length=1, description="new qcow2 file for the converted guest"
+    )
     backend: str | None = Field(default=None, pattern="^(builtin|virt-v2v)$")
+    preview: bool = Field(
+        default=False, description="convert onto a throw-away overlay, deleted at the end"
+    )
 
 
 class AuditExportRequest(BaseModel):
@@ -388,7 +393,12 @@ def create_app(state: DaemonState) -> FastAPI:
 
     @app.post("/v1/restore-points/{rp_id}/convert", status_code=202)
     def convert_point(rp_id: int, req: ConvertRequest, request: Request) -> dict[str, Any]:
-        return _point_job(rp_id, "convert", req.model_dump(), request)
+        if not req.preview and not req.overlay:
+            raise FerrymanError(
+                f"converting restore point {rp_id} needs the new overlay's file name",
+                hint="give overlay (ferryman convert ID --to FILE), or preview: true",
+            )
+        return _point_job(rp_id, "convert", req.model_dump(exclude_none=True), request)
 
     @app.get("/v1/audit")
     def audit_log(limit: int = 200) -> list[dict[str, Any]]:

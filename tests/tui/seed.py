@@ -97,6 +97,7 @@ def restore_points(
     *,
     inspection: dict[str, Any] | None = None,
     rate: float = 90e6,
+    bootable: int | None = None,  # this point (0 = oldest) was boot-verified
 ) -> None:
     parent = None
     for n, age in enumerate(sorted(ages_min, reverse=True)):
@@ -153,6 +154,11 @@ def restore_points(
                 "verified": "ok" if n % 3 == 0 else None,
                 "inspection": json.dumps(inspection) if (inspection and last) else None,
                 "bytes_written": written,
+                **(
+                    {"boot_verified": "bootable", "boot_verified_at": ts(age - 2)}
+                    if n == bootable
+                    else {}
+                ),
             },
         )
         _insert(
@@ -205,21 +211,38 @@ def seed(db_path: Path, *, running_sync: bool = True) -> dict[str, int]:
         ids["legacy"] = machine(
             db, lab, "legacy", protected=False, os_="centos 7", power="poweredOff"
         )
-        inspection = {
-            "os": "linux",
-            "distro": "debian",
-            "version": "12.5",
-            "arch": "x86_64",
-            "kernels": ["6.1.0-18-amd64"],
-            "bootloader": "grub2",
-            "firmware": "bios",
+        inspection = {  # the shape the inspect job stores (appliance.conversion_jobs)
+            "inspection": {
+                "os_type": "linux",
+                "distro": "debian",
+                "product_name": "Debian GNU/Linux 12 (bookworm)",
+                "arch": "x86_64",
+                "firmware": "bios",
+                "bootloader": "grub2",
+                "kernels": [{"version": "6.1.0-18-amd64", "default": True}],
+                "hypervisor_tools": ["open-vm-tools (vmware)"],
+            },
             "preflight": {
-                "verdict": "warnings",
+                "backend": "builtin",
+                "ok": True,
                 "blockers": [],
-                "warnings": ["open-vm-tools installed: removed at conversion"],
+                "warnings": [
+                    {
+                        "code": "hypervisor-tools",
+                        "message": "open-vm-tools installed",
+                        "fix": "removed at conversion",
+                    }
+                ],
             },
         }
-        restore_points(db, ids["web01"], [4, 19, 34, 49, 64, 79], 40 * GiB, inspection=inspection)
+        restore_points(
+            db,
+            ids["web01"],
+            [4, 19, 34, 49, 64, 79],
+            40 * GiB,
+            inspection=inspection,
+            bootable=3,  # the plan's latest-verified: the newest boot-verified point
+        )
         restore_points(db, ids["db01"], [8.5, 18.5, 28.5], 200 * GiB, rate=120e6)
         restore_points(db, ids["app01"], [47, 95], 40 * GiB, rate=30e6)
         failed_syncs(db, ids["app01"], 3)

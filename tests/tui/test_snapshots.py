@@ -19,6 +19,7 @@ from tests.tui.conftest import make_app
 from tests.tui.pilot import text_of, until
 from tui.screens.machine import MachineScreen
 from tui.screens.source_form import SourceForm
+from tui.widgets.common.fields import Field
 from tui.widgets.dashboard.machine_table import MachineTable
 
 pytestmark = [pytest.mark.tui, pytest.mark.timeout(300)]
@@ -79,6 +80,14 @@ async def source_form(pilot: Pilot[Any]) -> None:
     await pilot.press("a")
     await until(pilot, lambda: isinstance(pilot.app.screen, SourceForm), "form")
     await pilot.press("ctrl+s")  # empty: every field says what is wrong
+
+
+async def source_edit(pilot: Pilot[Any]) -> None:
+    await sources(pilot)  # the first source (lab-nbd) is highlighted
+    await pilot.press("e")
+    await until(pilot, lambda: isinstance(pilot.app.screen, SourceForm), "edit form")
+    pilot.app.screen.query_one("#field-throttle", Field).value = "fast"
+    await pilot.press("ctrl+s")  # a wrong type: the field says so, nothing is sent
 
 
 async def plans(pilot: Pilot[Any]) -> None:
@@ -142,6 +151,7 @@ SCREENS: dict[str, Callable[[Pilot[Any]], Awaitable[None]]] = {
     "machine": machine,
     "sources": sources,
     "source_form": source_form,
+    "source_edit": source_edit,
     "plans": plans,
     "plan_diff": plan_diff,
     "testrun": runs,

@@ -3,6 +3,7 @@ the actions sync now / full sync / verify / protection settings."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,11 +15,14 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import DataTable, ProgressBar, Static
 
+from appliance.errors import FerrymanError
 from appliance.inventory import rpo_status
 from tui import format as fmt
 from tui.messages import ActionDone, JobProgressed, JobSubmitted
 from tui.screens.base import FerrymanScreen
 from tui.screens.protect import ProtectDialog
+
+PREVIEW_POLL_S = 1.0  # inspection and conversion take minutes: a look per second is plenty
 
 
 def rp_row(rp: dict[str, Any], now: Any, newest: bool) -> tuple[str, ...]:
@@ -40,33 +44,79 @@ def rp_row(rp: dict[str, Any], now: Any, newest: bool) -> tuple[str, ...]:
     )
 
 
-def inspection_text(rp: dict[str, Any] | None) -> Text:
-    """Inspection and preflight as stored by the conversion (appliance.convert)."""
+def _finding(f: Any) -> str:
+    """A preflight finding: {code, message, fix} as stored, or plain text."""
+    if isinstance(f, dict):
+        return f"{f.get('message', '')}" + (f" → {f['fix']}" if f.get("fix") else "")
+    return str(f)
+
+
+def inspection_text(data: dict[str, Any] | None) -> Text:
+    """Inspection and preflight as the inspect job stores them with the restore point
+    ({"inspection": ..., "preflight": ...}; appliance.conversion_jobs)."""
     t = Text()
-    ins = (rp or {}).get("inspection")
-    if not ins:
+    if not data:
         t.append(
-            "No inspection stored yet: it runs with the first conversion preview or test "
-            "run of this machine.",
+            "No inspection stored yet: press c (convert preview) to inspect the highlighted "
+            "restore point and try its conversion.",
             style="dim",
         )
         return t
-    keys = ("os", "distro", "product", "version", "arch", "kernels", "bootloader", "firmware")
-    for k in keys:
-        if ins.get(k):
-            v = ins[k]
-            t.append(f"{k:<11}", style="bold")
-            t.append(f"{', '.join(map(str, v)) if isinstance(v, list) else v}\n")
-    pre = ins.get("preflight") or {}
-    verdict = pre.get("verdict")
-    if verdict:
-        sym = {"ok": "✓", "warnings": "!", "blocked": "✗"}.get(verdict, "?")
+    ins = data.get("inspection") or {}
+    distro, product = ins.get("distro") or "", ins.get("product_name") or ""
+    guest = product if distro.lower() in product.lower() else f"{distro} {product}".strip()
+    kernels = ins.get("kernels") or []
+    default = next((k for k in kernels if k.get("default")), kernels[0] if kernels else {})
+    rows = (
+        ("guest", f"{guest or '?'} ({ins.get('os_type', '?')}, {ins.get('arch', '?')})"),
+        ("firmware", f"{ins.get('firmware') or '?'}, boot {ins.get('bootloader') or '?'}"),
+        ("kernel", default.get("version", "")),
+        ("tools", ", ".join(ins.get("hypervisor_tools") or [])),
+    )
+    for k, v in rows:
+        if v:
+            t.append(f"{k:<10} ", style="bold")
+            t.append(f"{v}\n")
+    pre = data.get("preflight") or {}
+    if pre:
+        ok = bool(pre.get("ok"))
         t.append("preflight  ", style="bold")
-        t.append(f"{sym} {verdict.upper()}\n", style="bold")
-        for b in pre.get("blockers", []):
-            t.append(f"  ✗ {b}\n")
-        for w in pre.get("warnings", []):
-            t.append(f"  ! {w}\n")
+        t.append(
+            f"{'✓ READY' if ok else '✗ BLOCKED'} (backend {pre.get('backend', '?')})\n",
+            style="bold",
+        )
+        for b in pre.get("blockers") or []:
+            t.append(f"  ✗ {_finding(b)}\n")
+        for w in pre.get("warnings") or []:
+            t.append(f"  ! {_finding(w)}\n")
+    return t
+
+
+def preview_text(rp_id: int, step: str, data: dict[str, Any]) -> Text:
+    """Where the convert preview of a restore point stands, and what it found."""
+    t = Text()
+    t.append(f"convert preview of point {rp_id}: ", style="bold")
+    if step == "inspecting":
+        t.append("… inspecting (libguestfs; minutes under TCG)\n")
+    elif step == "converting":
+        t.append("▶ converting onto a throw-away overlay\n")
+    elif step == "blocked":
+        t.append("✗ not converted: preflight blocks it (above)\n", style="bold")
+    elif step == "failed":
+        t.append(f"✗ FAILED: {data.get('error', '?')}\n", style="bold")
+    elif step == "converted":
+        v = data.get("verify") or {}
+        t.append(
+            f"✓ converts with {data.get('backend')} in {data.get('seconds', 0):.0f} s",
+            style="bold",
+        )
+        t.append(f"{'' if v.get('ok', True) else '; ! check after conversion failed'}\n")
+        steps = data.get("steps") or {}
+        if steps:
+            t.append("  " + ", ".join(f"{k} {v:.0f}s" for k, v in steps.items()) + "\n")
+        for c in (data.get("changes") or [])[:6]:
+            t.append(f"  · {c}\n")
+        t.append("  (the overlay was deleted; the restore point is unchanged)\n", style="dim")
     return t
 
 
@@ -95,21 +145,33 @@ class MachineScreen(FerrymanScreen):
     NAV = "dashboard"
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
-        Binding("s", "sync(False)", "Sync now"),
-        Binding("f", "sync(True)", "Full sync"),
-        Binding("v", "verify", "Verify point"),
-        Binding("p", "protect", "Protection"),
+        # Short labels: all seven fit the footer of an 80-column console.
+        Binding("s", "sync(False)", "Sync"),
+        Binding("f", "sync(True)", "Full"),
+        Binding("v", "verify", "Verify"),
+        Binding("p", "protect", "RPO"),  # protection: RPO target, throttle, verify
         Binding("u", "unprotect", "Unprotect"),
+        Binding("c", "convert_preview", "Preview"),
     ]
 
     @dataclass
     class Loaded(Message):
         machine: dict[str, Any]
 
+    @dataclass
+    class Previewed(Message):
+        """The convert preview moved on: inspecting, blocked, converting, converted, failed."""
+
+        rp_id: int
+        step: str
+        data: dict[str, Any]
+
     def __init__(self, name: str) -> None:
         super().__init__()
         self.machine_name = name
         self.machine: dict[str, Any] | None = None
+        self.preview: MachineScreen.Previewed | None = None
+        self.inspected: dict[int, dict[str, Any]] = {}  # fresher than the last load
 
     def compose_body(self) -> ComposeResult:
         yield Static(f"machine {self.machine_name}: loading…", id="m-head")
@@ -211,9 +273,31 @@ class MachineScreen(FerrymanScreen):
                 fmt.clock(j.get("ended_at"), now),
                 note,
             )
-        self.query_one("#m-inspect", Static).update(inspection_text(points[-1] if points else None))
+        self.render_inspect()
         if not any(j["state"] in ("queued", "running") for j in m.get("jobs", [])):
             self.query_one("#m-progress-row").display = False
+
+    def render_inspect(self) -> None:
+        """The point under preview, else the newest: its inspection, then the preview."""
+        points = {rp["id"]: rp for rp in (self.machine or {}).get("restore_points", [])}
+        p = self.preview
+        rp_id = p.rp_id if p else max(points, default=None)
+        data = self.inspected.get(rp_id) if rp_id is not None else None
+        if data is None and rp_id in points:
+            data = points[rp_id].get("inspection")
+        text = inspection_text(data)
+        if p:
+            text.append("\n")
+            text.append_text(preview_text(p.rp_id, p.step, p.data))
+        self.query_one("#m-inspect", Static).update(text)
+
+    def on_machine_screen_previewed(self, msg: Previewed) -> None:
+        self.preview = msg
+        if msg.step in ("inspected", "blocked"):
+            self.inspected[msg.rp_id] = msg.data
+        if msg.step == "inspected":
+            msg.step = "converting"
+        self.render_inspect()
 
     def on_job_progressed(self, msg: JobProgressed) -> None:
         job = msg.job
@@ -277,6 +361,54 @@ class MachineScreen(FerrymanScreen):
         job = self.services.client.verify(rp_id)
         self.post_message(JobSubmitted(f"verification of restore point {rp_id} started", job))
         self.app.call_from_thread(self.load)
+
+    def action_convert_preview(self) -> None:
+        rp = self.selected_rp()
+        if rp is None:
+            self.notify(
+                "this machine has no restore point yet: sync it first (s)",
+                title="Nothing to convert",
+            )
+            return
+        if any(w.is_running for w in self.own_workers() if w.group == "preview"):
+            self.notify("one preview at a time: wait for the running one", title="Convert preview")
+            return
+        self.convert_preview(rp)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="preview", name="Convert preview")
+    def convert_preview(self, rp_id: int) -> None:
+        """Inspect (preflight verdict), then convert onto a throw-away overlay the daemon
+        deletes: both are ferrymand jobs, followed here until they end."""
+        c = self.services.client
+        self.post_message(self.Previewed(rp_id, "inspecting", {}))
+        try:
+            job = self._follow(c.inspect(rp_id), f"inspection of restore point {rp_id}")
+            verdict = job["result"]
+            ok = bool((verdict.get("preflight") or {}).get("ok"))
+            self.post_message(self.Previewed(rp_id, "inspected" if ok else "blocked", verdict))
+            if ok:
+                job = self._follow(c.convert_preview(rp_id), f"conversion of point {rp_id}")
+                self.post_message(self.Previewed(rp_id, "converted", job["result"]))
+        except FerrymanError as e:
+            self.post_message(self.Previewed(rp_id, "failed", {"error": e.message}))
+            raise
+        finally:
+            self.app.call_from_thread(self.load)
+
+    def _follow(self, job: dict[str, Any], what: str) -> dict[str, Any]:
+        """Poll a job of ours until it ends (in the worker thread); its result or an error."""
+        self.post_message(JobSubmitted(f"{what} started", job))
+        c = self.services.client
+        while job["state"] in ("queued", "running"):
+            time.sleep(PREVIEW_POLL_S)
+            job = c.job(job["id"])
+            self.post_message(JobProgressed(job))
+        if job["state"] != "succeeded":
+            raise FerrymanError(
+                f"{what} {job['state']}: {job.get('error') or 'no reason given'}",
+                hint=f"details: ferryman job show {job['id']}",
+            )
+        return job
 
     def action_protect(self) -> None:
         self.app.push_screen(

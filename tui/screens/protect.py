@@ -54,7 +54,9 @@ def parse_throttle(text: str) -> int | None:
     return bps
 
 
-def _check(parser: Any) -> Any:
+def check_with(parser: Any) -> Any:
+    """A field check from a parser that raises ValueError with the words to show."""
+
     def check(v: str) -> str | None:
         try:
             parser(v)
@@ -84,13 +86,13 @@ class ProtectDialog(FerrymanModal):
                 "RPO target (e.g. 15m, 1h; at least 1m)",
                 id="rpo",
                 value=f"{rpo // 60}m" if rpo else "15m",
-                checks=[max_len(12), _check(parse_rpo)],
+                checks=[max_len(12), check_with(parse_rpo)],
             )
             yield Field(
                 "Throttle (bytes/s, e.g. 50M; empty = no limit)",
                 id="throttle",
                 value=f"{thr // 1024**2}M" if thr else "",
-                checks=[max_len(12), _check(parse_throttle)],
+                checks=[max_len(12), check_with(parse_throttle)],
             )
             yield Toggle(
                 "verify every sync (block-hash compare; costs a read)",

@@ -1,6 +1,8 @@
 """Add or edit a source. Every field is checked here first (empty, too long, wrong kind of
-address, host that does not answer); nothing reaches ferrymand until all pass. A vSphere
-endpoint whose certificate no CA vouches for asks for the thumbprint confirmation."""
+address, wrong type, host that does not answer); nothing reaches ferrymand until all pass.
+A vSphere endpoint whose certificate no CA vouches for asks for the thumbprint confirmation;
+an agent moved to another host asks to confirm that host's SSH key. Editing sends only to
+PATCH /v1/sources/NAME, which checks everything again and tests the source before saving."""
 
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
 from textual.widgets import Button, Select, Static
 
+from appliance.daemon.source_edit import endpoint
 from appliance.errors import FerrymanError
 from appliance.inventory import KINDS, SCHEMES
 from tui.messages import ActionDone
 from tui.screens.base import FerrymanModal
-from tui.screens.dialogs import ThumbprintDialog
+from tui.screens.dialogs import ConfirmDialog, ThumbprintDialog
+from tui.screens.protect import check_with, parse_throttle
 from tui.services import reachability
 from tui.widgets.common.fields import Check, Field, check_all, max_len, name_rule, required
 from tui.widgets.common.toggle import Toggle
@@ -52,6 +56,12 @@ def scheme_rule(kind: str) -> Check:
     return check
 
 
+def throttle_text(bps: int | None) -> str:
+    if not bps:
+        return ""
+    return f"{bps // 1024**2}M" if bps % 1024**2 == 0 else f"{bps // 1024}K"
+
+
 class SourceForm(FerrymanModal):
     BINDINGS = [Binding("ctrl+s", "save", "Save"), Binding("escape", "dismiss_none", "Cancel")]
 
@@ -59,6 +69,7 @@ class SourceForm(FerrymanModal):
     class Reached(Message):
         problem: str | None
         cert: dict[str, Any] | None
+        host_key: dict[str, Any] | None = None
 
     @dataclass
     class Refused(Message):
@@ -69,6 +80,7 @@ class SourceForm(FerrymanModal):
         self.source = source  # None: add; else edit this one
         self.kind = (source or {}).get("kind", "vsphere")
         self.thumbprint: str | None = (source or {}).get("tls_thumbprint")
+        self.host_key: str | None = None  # an agent's new host's key, once confirmed
 
     def compose_dialog(self) -> ComposeResult:
         s = self.source or {}
@@ -82,6 +94,7 @@ class SourceForm(FerrymanModal):
                 allow_blank=False,
                 id="kind",
                 compact=True,
+                disabled=bool(s),  # a source keeps its kind; add another one instead
             )
             yield Field(
                 "Name (how Ferryman calls it)",
@@ -100,10 +113,18 @@ class SourceForm(FerrymanModal):
                 "User name", id="username", checks=[max_len(256)], value=s.get("username", "")
             )
             yield Field(
-                "Password (kept encrypted; never shown again)",
+                "Password (empty: keep the stored one)"
+                if s
+                else "Password (kept encrypted; never shown again)",
                 id="password",
                 password=True,
                 checks=[max_len(4096)],
+            )
+            yield Field(
+                "Throttle of every sync from it (bytes/s, e.g. 50M; empty = no limit)",
+                id="throttle",
+                value=throttle_text((s.get("params") or {}).get("throttle_bps")),
+                checks=[max_len(12), check_with(parse_throttle)],
             )
             yield Toggle(
                 "insecure: skip the certificate check (not recommended)",
@@ -117,8 +138,6 @@ class SourceForm(FerrymanModal):
                 yield Button("Cancel  esc", id="cancel", compact=True)
 
     def on_mount(self) -> None:
-        if self.source:
-            self.query_one("#name").disabled = True
         self._kind_changed()
         self.query_one("#name" if not self.source else "#uri").focus()
 
@@ -160,12 +179,17 @@ class SourceForm(FerrymanModal):
             return
         self.status("… checking that the host answers")
         self.query_one("#save", Button).disabled = True
+        uri = self.query_one("#field-uri", Field).value.strip()
+        moved = self.source is not None and endpoint(uri) != endpoint(self.source["uri"])
+        if moved:
+            self.thumbprint = None  # pinned for the old endpoint only
         need_cert = (
             self.kind == "vsphere"
             and not self.thumbprint
             and not self.query_one("#insecure", Toggle).value
         )
-        self.precheck(self.query_one("#field-uri", Field).value.strip(), need_cert)
+        need_key = moved and self.kind == "linux-agent" and not self.host_key
+        self.precheck(uri, need_cert, need_key)
 
     @work(
         thread=True,
@@ -174,12 +198,14 @@ class SourceForm(FerrymanModal):
         group="form",
         name="Checking the source address",
     )
-    def precheck(self, uri: str, need_cert: bool) -> None:
+    def precheck(self, uri: str, need_cert: bool, need_key: bool = False) -> None:
         problem = reachability(uri)
-        cert = None
+        cert = key = None
         if problem is None and need_cert:
             cert = self.services.client.tls_probe(uri)
-        self.post_message(self.Reached(problem, cert))
+        if problem is None and need_key:
+            key = self.services.client.ssh_host_key(uri)
+        self.post_message(self.Reached(problem, cert, key))
 
     def on_source_form_reached(self, msg: Reached) -> None:
         if msg.problem:
@@ -192,6 +218,27 @@ class SourceForm(FerrymanModal):
             uri = self.query_one("#field-uri", Field).value.strip()
             self.app.push_screen(ThumbprintDialog(uri, msg.cert), self._trusted)
             return
+        if msg.host_key is not None:
+            k = msg.host_key
+            body = (
+                f"The source now points at {k['host']}:{k['port']}, which presents the SSH "
+                f"host key\n  {k['fingerprint']}\n\nCompare it with the server's (ssh-keygen "
+                "-lf /etc/ssh/ssh_host_ed25519_key.pub on it). Trusting pins this key; a "
+                "different one later is refused."
+            )
+            self.app.push_screen(
+                ConfirmDialog("! New SSH host key", body, "Trust this host key"),
+                lambda yes: self._key_trusted(k["host_key"] if yes else None),
+            )
+            return
+        self.send()
+
+    def _key_trusted(self, line: str | None) -> None:
+        if not line:
+            self.status("host key not trusted: nothing was sent")
+            self.query_one("#save", Button).disabled = False
+            return
+        self.host_key = line
         self.send()
 
     def _trusted(self, thumbprint: str | None) -> None:
@@ -210,34 +257,39 @@ class SourceForm(FerrymanModal):
     @work(thread=True, exclusive=True, exit_on_error=False, group="form", name="Saving the source")
     def submit(self, vals: dict[str, str], insecure: bool) -> None:
         login = self.kind in NEEDS_LOGIN
+        throttle = parse_throttle(vals["throttle"])
         try:
             if self.source:
-                self.services.update_source(
+                src = self.services.client.update_source(
                     self.source["name"],
+                    new_name=vals["name"],
                     uri=vals["uri"],
                     username=vals["username"] if login else None,
                     password=(vals["password"] or None) if login else None,
+                    params={"host_key": self.host_key} if self.host_key else None,
+                    throttle_bps=throttle,
+                    clear_throttle=throttle is None,
                     thumbprint=self.thumbprint,
-                    insecure=insecure,
+                    insecure=insecure if self.kind in ("vsphere", "nbd") else None,
                 )
+                detail = f"changed: {', '.join(src['changed']) or 'nothing'}"
             else:
-                self.services.client.add_source(
+                src = self.services.client.add_source(
                     vals["name"],
                     self.kind,
                     vals["uri"],
                     username=vals["username"] if login else None,
                     password=vals["password"] if login else None,
+                    params={"throttle_bps": throttle} if throttle else None,
                     thumbprint=self.thumbprint,
                     insecure=insecure,
                 )
+                detail = "press d on it to discover its machines"
         except FerrymanError as e:
             self.post_message(self.Refused(e))
             raise
-        name = self.source["name"] if self.source else vals["name"]
-        self.post_message(
-            ActionDone(f"source {name} saved", "press d on it to discover its machines")
-        )
-        self.app.call_from_thread(self.dismiss, name)
+        self.post_message(ActionDone(f"source {src['name']} saved", detail))
+        self.app.call_from_thread(self.dismiss, src["name"])
 
     def on_source_form_refused(self, msg: Refused) -> None:
         self.status(f"✗ ferrymand refused: {msg.error.message}")
