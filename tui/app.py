@@ -56,6 +56,7 @@ class FerrymanApp(App[None]):
     CSS_PATH = "ferryman.tcss"
     # Only the dashboard is imported at start-up (time to a drawn dashboard is a benchmark);
     # the other screens and what they need (jsonschema, TextArea...) load on first use.
+    DEFAULT_MODE = "dashboard"  # the first screen, without a mode switch (and its style pass)
     MODES = {
         "dashboard": DashboardScreen,
         "sources": lambda: _lazy("sources", "SourcesScreen"),
@@ -78,17 +79,18 @@ class FerrymanApp(App[None]):
         self.services = services or Services()
         self.machine_names: list[str] = []  # last seen by the dashboard, for the palette
         self.identity: dict[str, str] = {}  # user, role, origin as the daemon sees us
-
-    async def on_mount(self) -> None:
-        # Worker threads decode the daemon's JSON holding the GIL; hand it back to the event
-        # loop every 1 ms instead of 5 so keys and repaints do not wait behind a refresh.
-        sys.setswitchinterval(GIL_SWITCH_S)
+        # The theme before the first style pass: set later, it makes Textual parse and apply
+        # the whole stylesheet again (three passes instead of one at start-up).
         self.register_theme(FERRYMAN_THEME)
         term = os.environ.get("TERM", "")
         self.theme = os.environ.get("FERRYMAN_THEME") or (
             "textual-ansi" if term in MONO_TERMS else "ferryman"
         )
-        await self.switch_mode("dashboard")  # awaited: no later switch races the first keys
+
+    async def on_mount(self) -> None:
+        # Worker threads decode the daemon's JSON holding the GIL; hand it back to the event
+        # loop every 1 ms instead of 5 so keys and repaints do not wait behind a refresh.
+        sys.setswitchinterval(GIL_SWITCH_S)
         self.login()
 
     @work(thread=True, exclusive=True, exit_on_error=False, name="Opening the session")

@@ -7,6 +7,7 @@ reads the sync history from the store; the result arrives as one Loaded message.
 from __future__ import annotations
 
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +85,8 @@ class DashboardScreen(FerrymanScreen):
         self._need_full = True
         self._summary_key: Any = None
         self._lists: tuple[Any, Any] = (None, None)
+        self._summary_terms: list[Any] = []
+        self._rendered_bucket: Any = None
 
     def compose_body(self) -> ComposeResult:
         yield Static("connecting to ferrymand…", id="summary")
@@ -128,17 +131,25 @@ class DashboardScreen(FerrymanScreen):
         full = self._need_full or self._ticks % FULL_EVERY == 0
         self._ticks += 1
         self._need_full = False
-        jobs = c.jobs(active=True, limit=50)
-        events = c.events(limit=EVENTS_SHOWN)
-        if full:
-            health, machines, history = c.health(), c.machines(), s.throughput_history()
-            self.post_message(self.Loaded(health, machines, jobs, events, history))
-        else:
+        if not full:
+            jobs, events = c.jobs(active=True, limit=50), c.events(limit=EVENTS_SHOWN)
             self.post_message(self.Loaded(None, None, jobs, events, None))
+            return
+        # A full load asks five things at once: the daemon answers them in parallel, so the
+        # first picture waits for the slowest (the 500 machines), not for the sum.
+        with ThreadPoolExecutor(max_workers=5, thread_name_prefix="dashboard") as pool:
+            fj = pool.submit(c.jobs, active=True, limit=50)
+            fe = pool.submit(c.events, limit=EVENTS_SHOWN)
+            fh, fm = pool.submit(c.health), pool.submit(c.machines)
+            fs = pool.submit(s.throughput_history)
+            self.post_message(
+                self.Loaded(fh.result(), fm.result(), fj.result(), fe.result(), fs.result())
+            )
 
-    def merge_jobs(self, jobs: list[dict[str, Any]]) -> None:
+    def merge_jobs(self, jobs: list[dict[str, Any]]) -> set[str]:
         """Between full loads: the live progress of active jobs into the last machine list.
-        A job that started or ended changes more than progress: ask for a full load."""
+        A job that started or ended changes more than progress: ask for a full load.
+        Returns the names of the machines whose row may have changed."""
         active = {
             j["machine_id"]: {k: j.get(k) for k in ("id", "kind", "state", "progress")}
             for j in jobs
@@ -147,20 +158,28 @@ class DashboardScreen(FerrymanScreen):
         before = {m["id"]: m["active_job"]["id"] for m in self.all if m.get("active_job")}
         if before != {mid: j["id"] for mid, j in active.items()}:
             self._need_full = True
-        self.all = [
-            {**m, "active_job": active.get(m["id"])}
-            if m.get("active_job") or m["id"] in active
-            else m
-            for m in self.all
-        ]
+        touched: set[str] = set()
+        merged = []
+        for m in self.all:
+            if m.get("active_job") or m["id"] in active:
+                m = {**m, "active_job": active.get(m["id"])}
+                touched.add(m["name"])
+            merged.append(m)
+        self.all = merged
+        return touched
 
     def on_dashboard_screen_loaded(self, msg: Loaded) -> None:
+        # A light tick (jobs and events only) touches the few machines with a job; the 500
+        # others keep their rows, keys and summary terms from the last full load.
+        touched: set[str] | None = None
         if msg.machines is None:
-            self.merge_jobs(msg.jobs)
+            touched = self.merge_jobs(msg.jobs)
         else:
             self.all, self.health = msg.machines, msg.health or {}
+            self._summary_terms = [_key(m, progress=False) for m in self.all]
+            self.app.machine_names = [m["name"] for m in self.all]  # type: ignore[attr-defined]
         shown = [m for m in self.all if m["protected"] or m.get("active_job")]
-        by_id = {m["id"]: m["name"] for m in shown}
+        by_id = {m["id"]: m["name"] for m in shown} if msg.history else {}
         for mid, values in (msg.history or {}).items():
             name = by_id.get(mid)
             if name and name not in self._history_seeded:
@@ -172,11 +191,10 @@ class DashboardScreen(FerrymanScreen):
             if job and job["state"] == "running" and rate:
                 self.trends.setdefault(m["name"], deque(maxlen=TREND_SAMPLES)).append(rate)
         self.machines = shown
-        self.app.machine_names = [m["name"] for m in self.all]  # type: ignore[attr-defined]
-        self.render_machines()
+        self.render_machines(touched)
         summary_key = (
             self._age_bucket(),
-            [_key(m, progress=False) for m in self.all],
+            self._summary_terms,
             len(msg.jobs),
             [j["state"] for j in msg.jobs],
             (self.health.get("probe") or {}),
@@ -194,21 +212,26 @@ class DashboardScreen(FerrymanScreen):
         """Ages are shown to the minute past 60 s: recompute the cells every 10 s at most."""
         return int(self.services.now().timestamp() // AGE_REFRESH_S)
 
-    def render_machines(self) -> None:
+    def render_machines(self, only: set[str] | None = None) -> None:
         """Row cells are recomputed only for machines whose data, trend or age bucket
-        changed: with 500 machines the loop stays free for the keyboard."""
+        changed (``only``: the machines a light tick touched, when the bucket did not move):
+        with 500 machines the loop stays free for the keyboard."""
         table = self.query_one(MachineTable)
         now = self.services.now()
         bucket = (self._age_bucket(), bool(table.wide))
+        if bucket != self._rendered_bucket:
+            only = None
+        self._rendered_bucket = bucket
         rows = []
         for m in self.machines:
             name = m["name"]
-            trend = self.trends.get(name, ())
-            key = (bucket, _key(m), len(trend), trend[-1] if trend else None)
             cached = self._cells.get(name)
-            if cached is None or cached[0] != key:
-                cached = (key, row_cells(m, now, trend, bool(table.wide)))
-                self._cells[name] = cached
+            if only is None or name in only or cached is None:
+                trend = self.trends.get(name, ())
+                key = (bucket, _key(m), len(trend), trend[-1] if trend else None)
+                if cached is None or cached[0] != key:
+                    cached = (key, row_cells(m, now, trend, bool(table.wide)))
+                    self._cells[name] = cached
             rows.append((name, cached[1]))
         table.show(rows)
 
