@@ -87,6 +87,8 @@ class DashboardScreen(FerrymanScreen):
         self._lists: tuple[Any, Any] = (None, None)
         self._summary_terms: list[Any] = []
         self._rendered_bucket: Any = None
+        self._summary_text: Text | None = None
+        self._summary_height = -1
 
     def compose_body(self) -> ComposeResult:
         yield Static("connecting to ferrymand…", id="summary")
@@ -113,6 +115,7 @@ class DashboardScreen(FerrymanScreen):
         super().on_mount()
 
     def on_resize(self, event: Resize) -> None:
+        self._summary_height = -1  # wrapped anew at the new width: lay out at the next update
         if self.query_one(MachineTable).set_layout(event.size.width >= WIDE):
             self.render_machines()
 
@@ -266,7 +269,14 @@ class DashboardScreen(FerrymanScreen):
             line.append("\n")
             line.append("ALERT ", style="bold reverse")
             line.append(" " + "; ".join(warn[:4]) + (" …" if len(warn) > 4 else ""), style="bold")
-        self.query_one("#summary", Static).update(line)
+        # Same words, same picture: no repaint. A new height (an ALERT line more or less)
+        # needs a layout pass of the whole screen; otherwise the summary repaints alone.
+        summary = self.query_one("#summary", Static)
+        if line == self._summary_text:
+            return
+        height = len(line.wrap(self.app.console, max(summary.size.width, 1)))
+        summary.update(line, layout=height != self._summary_height)
+        self._summary_text, self._summary_height = line, height
 
     def render_jobs(self, jobs: list[dict[str, Any]], names: dict[int, str]) -> None:
         t = self.query_one("#jobs", DataTable)
