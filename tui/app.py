@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import partial
 from importlib import import_module
 from pathlib import Path
@@ -49,6 +49,18 @@ FERRYMAN_THEME = Theme(
 )
 GIL_SWITCH_S = 0.001
 MONO_TERMS = ("linux", "vt100", "vt102", "vt220", "ansi", "dumb")
+ANSI_THEME = "ansi-dark"  # Textual's theme of the terminal's own ANSI colours
+
+
+def pick_theme(env: Mapping[str, str], available: Iterable[str]) -> str:
+    """FERRYMAN_THEME if Textual knows it; the terminal's own 16 colours on a console that
+    has no more (Textual's 'ansi-dark'); else ours. An unknown name never stops the TUI."""
+    wanted = env.get("FERRYMAN_THEME", "")
+    if wanted in available:
+        return wanted
+    if wanted:
+        log.warning("FERRYMAN_THEME=%s is not a theme; using the default", wanted)
+    return ANSI_THEME if env.get("TERM", "") in MONO_TERMS else "ferryman"
 
 
 class FerrymanApp(App[None]):
@@ -82,10 +94,7 @@ class FerrymanApp(App[None]):
         # The theme before the first style pass: set later, it makes Textual parse and apply
         # the whole stylesheet again (three passes instead of one at start-up).
         self.register_theme(FERRYMAN_THEME)
-        term = os.environ.get("TERM", "")
-        self.theme = os.environ.get("FERRYMAN_THEME") or (
-            "textual-ansi" if term in MONO_TERMS else "ferryman"
-        )
+        self.theme = pick_theme(os.environ, self.available_themes)
 
     async def on_mount(self) -> None:
         # Worker threads decode the daemon's JSON holding the GIL; hand it back to the event

@@ -222,3 +222,22 @@ def test_filter_words_and_exclusions() -> None:
     assert words_match("alice ssh:10.0.0.9 login ok", "alice login")
     assert not words_match("alice ssh:10.0.0.9 login ok", "alice -login")
     assert words_match("bob console job.sync job 12", "-login sync")
+
+
+@pytest.mark.parametrize(
+    ("term", "wanted", "theme"),
+    [
+        ("linux", "", "ansi-dark"),  # the appliance console: its own 16 colours
+        ("xterm-256color", "", "ferryman"),
+        ("xterm-256color", "nord", "nord"),
+        ("linux", "no-such-theme", "ansi-dark"),  # logged and ignored, never a crash
+    ],
+)
+def test_theme_for_the_terminal(
+    term: str, wanted: str, theme: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tui.app import FerrymanApp
+
+    monkeypatch.setenv("TERM", term)
+    monkeypatch.setenv("FERRYMAN_THEME", wanted)
+    assert FerrymanApp().theme == theme

@@ -298,6 +298,8 @@ class MachineScreen(FerrymanScreen):
         if msg.step == "inspected":
             msg.step = "converting"
         self.render_inspect()
+        # at 80x24 the pane is a few lines high: show where the preview stands
+        self.call_after_refresh(self.query_one("#m-inspect-pane").scroll_end, animate=False)
 
     def on_job_progressed(self, msg: JobProgressed) -> None:
         job = msg.job
