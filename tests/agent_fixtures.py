@@ -17,6 +17,7 @@ temporary volume store dir for chains).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -170,8 +171,9 @@ class AgentGuest:
         )
 
     def _ssh_raw(
-        self, cmd: str, timeout: float = 300, input: bytes | None = None
+        self, cmd: str, timeout: float = 300, input: bytes | None = None, pinned: bool = True
     ) -> subprocess.CompletedProcess[bytes]:
+        # pinned=False: the test's side channel while a test has changed the host key.
         return subprocess.run(
             [
                 "ssh",
@@ -184,9 +186,9 @@ class AgentGuest:
                 "-o",
                 "BatchMode=yes",
                 "-o",
-                "StrictHostKeyChecking=accept-new",
+                f"StrictHostKeyChecking={'accept-new' if pinned else 'no'}",
                 "-o",
-                f"UserKnownHostsFile={self.known_hosts}",
+                f"UserKnownHostsFile={self.known_hosts if pinned else '/dev/null'}",
                 "-o",
                 "ConnectTimeout=20",
                 "-o",
@@ -200,8 +202,10 @@ class AgentGuest:
             check=False,
         )
 
-    def ssh(self, cmd: str, timeout: float = 300, input: bytes | None = None) -> str:
-        r = self._ssh_raw(cmd, timeout, input)
+    def ssh(
+        self, cmd: str, timeout: float = 300, input: bytes | None = None, pinned: bool = True
+    ) -> str:
+        r = self._ssh_raw(cmd, timeout, input, pinned)
         if r.returncode != 0:
             raise RuntimeError(f"guest: {cmd!r} failed ({r.returncode}): {r.stderr.decode()}")
         return r.stdout.decode()
@@ -212,6 +216,13 @@ class AgentGuest:
     def write(self, path: str, mib: int) -> None:
         """Write ``mib`` MiB of incompressible data into a file and sync it to the LV."""
         self.ssh(f"head -c {mib}M /dev/urandom > {shlex.quote(path)} && sync")
+
+    def accepted_logins(self, pinned: bool = True) -> int:
+        """sshd's count of logins so far (this query's own included)."""
+        out = self.ssh(
+            "journalctl -q -u ssh --no-pager | grep -c 'Accepted publickey' || true", pinned=pinned
+        )
+        return int(out.strip() or 0)
 
     def snapshots(self) -> list[str]:
         """Every LV carrying the ferryman tag (what the agent left behind)."""
@@ -245,6 +256,46 @@ class AgentGuest:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(15)
+
+
+def image_digest(path: Path, tmp: Path) -> tuple[str, int]:
+    """(sha256, number of non-zero 1 MiB blocks) of the guest-visible bytes of a qcow2 image
+    (a restore point)."""
+    raw = tmp / f"{path.name}.raw"
+    subprocess.run(
+        ["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", str(path), str(raw)], check=True
+    )
+    h = hashlib.sha256()
+    nonzero = 0
+    zero = bytes(1 << 20)
+    with open(raw, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            nonzero += chunk != zero[: len(chunk)]
+    raw.unlink()
+    return h.hexdigest(), nonzero
+
+
+def image_sha256(path: Path, tmp: Path) -> str:
+    return image_digest(path, tmp)[0]
+
+
+def assert_clean(guest: AgentGuest) -> None:
+    """Nothing of the agent left on the server: snapshots, helper files, processes (one
+    login: each costs seconds under TCG)."""
+    out = guest.ssh(
+        "echo '# snapshots'; lvs --noheadings -o vg_name,lv_name @ferryman 2>/dev/null; "
+        "echo '# helper files'; ls -d /tmp/ferryman-agent.* 2>/dev/null; "
+        "echo '# processes'; ps -eo pid,args | grep -E 'ferryman_agent|nbdkit|qemu-nbd|fsfreeze' "
+        "| grep -v grep; true"
+    )
+    left: dict[str, list[str]] = {}
+    for ln in out.splitlines():
+        if ln.startswith("# "):
+            what = left.setdefault(ln[2:], [])
+        elif ln.strip():
+            what.append(ln.strip())
+    assert left == {"snapshots": [], "helper files": [], "processes": []}, left
 
 
 def _attach(info_file: Path) -> AgentGuest:

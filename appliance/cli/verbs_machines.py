@@ -45,12 +45,21 @@ def _age(s: float | None) -> str:
 
 
 def _password(args: argparse.Namespace) -> str | None:
-    if args.password_file:
-        with open(args.password_file) as f:
+    key_file = getattr(args, "key_file", None)
+    if key_file and args.kind != "linux-agent":
+        raise FerrymanError(
+            f"--key-file is for linux-agent sources, not {args.kind}",
+            hint="give the password with --password-file or --password-stdin",
+        )
+    path = key_file or args.password_file
+    if path:
+        with open(path) as f:
             if args.kind == "linux-agent":  # an SSH private key: the whole file
                 return f.read()
             return f.readline().rstrip("\n")
     if args.password_stdin:
+        if args.kind == "linux-agent":
+            return sys.stdin.read()
         return sys.stdin.readline().rstrip("\n")
     if args.kind == "vsphere" and sys.stdin.isatty():
         return getpass.getpass(f"password for {args.user or 'the user'} on {args.uri}: ")
@@ -78,11 +87,13 @@ def sources(args: argparse.Namespace) -> Output:
                 s["uri"],
                 s["machines"],
                 s["protected"],
-                "INSECURE" if s["insecure"] else ("pinned" if s["tls_thumbprint"] else ""),
+                "INSECURE"
+                if s["insecure"]
+                else ("pinned" if s["tls_thumbprint"] or s["params"].get("host_key") else ""),
             )
             for s in rows
         ],
-        ["NAME", "KIND", "ADDRESS", "MACHINES", "PROTECTED", "TLS"],
+        ["NAME", "KIND", "ADDRESS", "MACHINES", "PROTECTED", "KEY"],
     )
     return Output(rows, text if rows else "no sources; add one: ferryman source add --help")
 
@@ -100,8 +111,15 @@ def source_add(args: argparse.Namespace) -> Output:
             insecure=args.insecure,
             test=not args.no_test,
         )
+    pinned = ""
+    if s["params"].get("host_key"):
+        from appliance.sources.agent.ssh import HostKey
+
+        pinned = f"; SSH host key {HostKey.parse(s['params']['host_key']).fingerprint} pinned"
     return Output(
-        s, f"source {s['name']} added ({s['kind']} {s['uri']}); next: ferryman discover {s['name']}"
+        s,
+        f"source {s['name']} added ({s['kind']} {s['uri']}{pinned}); "
+        f"next: ferryman discover {s['name']}",
     )
 
 
@@ -125,7 +143,7 @@ def source_hostkey(args: argparse.Namespace) -> Output:
         f"{k['host']}:{k['port']} presents\n  {k['fingerprint']}\n"
         "Confirm the fingerprint with the server's administrator (ssh-keygen -lf "
         "/etc/ssh/ssh_host_ed25519_key.pub on the server), then add the source with\n"
-        f"  --param host_key='{k['host_key']}'"
+        f"  --param host_key={k['fingerprint']}"
     )
     return Output(k, text)
 
@@ -390,6 +408,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         help="read the password (linux-agent: the SSH private key) from this file",
     )
     p.add_argument("--password-stdin", action="store_true")
+    p.add_argument(
+        "--key-file",
+        help="linux-agent: read the SSH private key from this file (stored encrypted)",
+    )
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--thumbprint", help="SHA-256 of the certificate, confirmed by you")
     p.add_argument(

@@ -15,7 +15,7 @@ from appliance.config import paths
 from appliance.daemon.jobs import JobRunner
 from appliance.errors import Conflict, NotFound
 from appliance.sources.base import SourceAdapter
-from appliance.sources.registry import make_adapter, tls_probe
+from appliance.sources.registry import agent_params, confirm_host_key, make_adapter, tls_probe
 from store.db import now, schema_version, write_txn
 from store.records import add_event, audit, events, get_setting
 from store.secrets import KEY_NAME, Vault
@@ -82,6 +82,15 @@ class DaemonState:
                     hint="check it with the vCenter administrator, then add the source again "
                     "with --thumbprint " + cert["thumbprint"],
                 )
+        if req.kind == "linux-agent":
+            if not req.password and not req.params.get("key_file"):
+                raise inventory.InventoryError(
+                    f"source '{req.name}' needs an SSH private key",
+                    hint="give --key-file FILE (stored encrypted; never on the command line)",
+                )
+            # Pinned like a TLS thumbprint: the first add shows the fingerprint to confirm.
+            req.params = agent_params(req.params)
+            req.params["host_key"] = confirm_host_key(req.uri, req.params.get("host_key"))
         if req.test:
             src = {
                 "name": req.name,

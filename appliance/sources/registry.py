@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from appliance.config import paths
-from appliance.errors import FerrymanError
+from appliance.errors import Conflict, FerrymanError
 from appliance.sources.base import SourceAdapter
 
 SecretFn = Callable[[], str]
@@ -65,17 +65,18 @@ def make_adapter(src: dict[str, Any], secret: SecretFn | None, username: str = "
     if kind == "linux-agent":
         from appliance.sources.agent.source import LinuxAgentSource
 
-        u = urlsplit(src["uri"] if "://" in src["uri"] else "ssh://" + src["uri"])
+        u = _ssh_uri(src["uri"])
+        params = agent_params(params)
         if not params.get("host_key"):
             raise FerrymanError(
                 f"source '{src['name']}' has no pinned SSH host key",
                 hint="check it with: ferryman source hostkey URI, then add the source with "
-                "--param host_key='<the key line>'",
+                "--param host_key=SHA256:<the fingerprint>",
             )
         if secret is None and not params.get("key_file"):
             raise FerrymanError(
                 f"source '{src['name']}' has no SSH key",
-                hint="give --password-file KEYFILE (stored encrypted)",
+                hint="give --key-file KEYFILE (stored encrypted)",
             )
         identity: Any = secret if secret is not None else Path(params["key_file"])
         return LinuxAgentSource(  # type: ignore[return-value]
@@ -95,20 +96,66 @@ def make_adapter(src: dict[str, Any], secret: SecretFn | None, username: str = "
     raise FerrymanError(f"unknown source kind '{kind}'")
 
 
+def _ssh_uri(uri: str) -> SplitResult:
+    u = urlsplit(uri if "://" in uri else "ssh://" + uri)
+    if not u.hostname:
+        raise FerrymanError(f"'{uri}' has no host name", hint="give ssh://USER@HOST[:PORT]")
+    return u
+
+
+def agent_params(params: dict[str, Any]) -> dict[str, Any]:
+    """linux-agent params as the adapter takes them: ``--param volumes=vg0/root,vg0/var``
+    arrives as one string (an empty one: no LV); a JSON list stays a list."""
+    out = dict(params)
+    for k in ("volumes", "live_devices"):
+        v = out.get(k)
+        if isinstance(v, str):
+            out[k] = [x.strip() for x in v.split(",") if x.strip()]
+    return out
+
+
 def ssh_host_key(uri: str) -> dict[str, Any]:
     """The SSH host key a server presents, for the operator to confirm at first contact."""
     from appliance.sources.agent.ssh import scan_host_key
 
-    u = urlsplit(uri if "://" in uri else "ssh://" + uri)
-    if not u.hostname:
-        raise FerrymanError(f"'{uri}' has no host name", hint="give ssh://USER@HOST[:PORT]")
-    k = scan_host_key(u.hostname, u.port or 22)
+    u = _ssh_uri(uri)
+    k = scan_host_key(u.hostname or "", u.port or 22)
     return {
         "host": u.hostname,
         "port": u.port or 22,
         "host_key": k.line,
         "fingerprint": k.fingerprint,
     }
+
+
+def confirm_host_key(uri: str, given: str | None) -> str:
+    """The host key LINE to pin for a new linux-agent source, like a TLS thumbprint: with no
+    key given, refused with the fingerprint the server presents, for the operator to
+    confirm; a confirmed fingerprint (``SHA256:...``) is matched against what the server
+    presents now and its key is pinned; a whole key line is pinned as given (the
+    registration test then proves the server holds it)."""
+    from appliance.sources.agent.errors import AgentHostKeyChanged
+    from appliance.sources.agent.ssh import HostKey
+
+    given = (given or "").strip()
+    if given and not given.startswith("SHA256:"):
+        return HostKey.parse(given).line
+    seen = ssh_host_key(uri)
+    if not given:
+        raise Conflict(
+            f"{seen['host']}:{seen['port']} presents the SSH host key {seen['fingerprint']}, "
+            "not confirmed yet",
+            hint="compare it with ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub on the "
+            f"server, then add the source again with --param host_key={seen['fingerprint']}",
+        )
+    if given.rstrip("=") != seen["fingerprint"]:
+        raise AgentHostKeyChanged(
+            f"{seen['host']}:{seen['port']} presents the SSH host key {seen['fingerprint']}, "
+            f"not the confirmed {given}; nothing was sent to it",
+            hint="the server's key is not the one you confirmed: check the address and the "
+            "key with the server's administrator",
+        )
+    return str(seen["host_key"])
 
 
 def tls_probe(uri: str) -> dict[str, Any]:

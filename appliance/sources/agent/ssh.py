@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 KEY_PREFERENCE = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "rsa-sha2-512")
 HOST_ALIAS = "ferryman-pinned"  # the known_hosts entry does not depend on address or port
 ALIVE_INTERVAL_S = 5  # keepalives: a dead link is noticed after 3 missed answers (15 s)
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes with its NUL
+CONTROL_SUFFIX = 17  # ssh binds the master at ControlPath + ".XXXXXXXXXXXXXXXX" first
 MASTER_START_TIMEOUT_S = 60.0  # TCP + key exchange + auth; a TCG test guest needs ~5 s
 
 
@@ -154,6 +156,12 @@ class Ssh:
         self.known_hosts = work_dir / "known_hosts"
         self.known_hosts.write_text(f"{HOST_ALIAS} {host_key.line}\n")
         self.control = work_dir / "cm"
+        if len(str(self.control)) + CONTROL_SUFFIX > UNIX_PATH_MAX:
+            raise AgentError(
+                f"the run directory {work_dir.parent} is too deep for ssh's control socket "
+                f"(unix socket paths end at {UNIX_PATH_MAX} bytes)",
+                hint="set FERRYMAN_RUN_DIR to a shorter directory, e.g. /run/ferryman",
+            )
         self._own_key: Path | None = None
         if isinstance(identity, Path):
             self.key_file = identity
