@@ -462,7 +462,10 @@ class _Cutover:
                     job_id=self.ctx.job_id,
                     kind="sync",
                     machine_id=m["id"],
-                    params={"reason": f"cutover {self.run_id} {which}"},
+                    params={
+                        "reason": f"cutover {self.run_id} {which}",
+                        "final_pass": which == "last-delta",  # the sources are stopped
+                    },
                     db=db,
                     progress=Progress(),
                     cancel=self.ctx.cancel,

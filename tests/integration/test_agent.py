@@ -12,7 +12,6 @@ ON THE SERVER (sha256sum of the snapshot LV) before the session releases it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
 import subprocess
 import threading
@@ -36,8 +35,7 @@ from appliance.sources.agent.source import AgentSession, LinuxAgentSource
 from appliance.sources.agent.ssh import HostKey
 from appliance.sources.base import Consistency
 from appliance.units import MiB
-from tests.agent_fixtures import *  # noqa: F403
-from tests.agent_fixtures import DATA_LV_MIB, AgentGuest
+from tests.agent_fixtures import DATA_LV_MIB, AgentGuest, assert_clean, image_sha256
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -87,34 +85,7 @@ def run_sync(
 
 def point_sha256(store: Path, key: str, result: DiskResult, tmp: Path) -> str:
     assert result.point is not None
-    raw = tmp / f"{key}-{result.point.name}.raw"
-    subprocess.run(
-        [
-            "qemu-img",
-            "convert",
-            "-U",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            str(store / key / result.point.file),
-            str(raw),
-        ],
-        check=True,
-    )
-    h = hashlib.sha256()
-    with open(raw, "rb") as f:
-        while chunk := f.read(8 * MiB):
-            h.update(chunk)
-    raw.unlink()
-    return h.hexdigest()
-
-
-def assert_clean(guest: AgentGuest) -> None:
-    """Nothing of the agent left on the server: snapshots, helper files, processes."""
-    assert guest.snapshots() == []
-    assert guest.helpers_left() == []
-    assert guest.agent_processes() == []
+    return image_sha256(store / key / result.point.file, tmp)
 
 
 def machine_ref(guest: AgentGuest) -> str:
@@ -373,11 +344,6 @@ def test_ssh_dropped_mid_sync_then_resumed_by_the_next_session(
     )
 
 
-def _accepted_logins(guest: AgentGuest) -> int:
-    out = guest.ssh("journalctl -q -u ssh --no-pager | grep -c 'Accepted publickey' || true")
-    return int(out.strip() or 0)
-
-
 def test_host_key_changed_refused(
     agent_guest: AgentGuest, agent_dirs: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -394,12 +360,12 @@ def test_host_key_changed_refused(
         state_dir=agent_dirs[1],
         volumes=["vgdata/data"],
     )
-    before = _accepted_logins(agent_guest)
+    before = agent_guest.accepted_logins()
     with pytest.raises(AgentHostKeyChanged) as e1:
         src.test()
     with pytest.raises(AgentHostKeyChanged):
         src.open_session("", None)
-    after = _accepted_logins(agent_guest)
+    after = agent_guest.accepted_logins()
     # Only this test's own journal query logged in: the adapter never authenticated.
     assert after == before + 1
     assert other.fingerprint in e1.value.message
@@ -434,7 +400,8 @@ def test_live_copy_without_lvm_converges(
 ) -> None:
     """/dev/vdc (ext4 on /srv/live) is not on LVM: copied live, points labelled
     crash-inconsistent; the second pass copies what changed plus what changed while the
-    first pass read it."""
+    first pass read it; the final pass at cutover (``open_final_pass``) freezes the
+    filesystem for the whole copy: consistent, labelled crash-consistent, with a manifest."""
     assert agent_guest.host_key is not None
     src = LinuxAgentSource(
         host="127.0.0.1",
@@ -469,16 +436,47 @@ def test_live_copy_without_lvm_converges(
             d2 = s2.disks[0]
             assert d2.mode == "dirty" and not s2.full
             r2 = run_sync(s2, store, "rp000002")
-            s2.token()
+            token2 = s2.token()
             dev_hash2 = agent_guest.sha256_of("/dev/vdc")
         finally:
             s2.release()
+        assert point_sha256(store, "vdc", r2[0], tmp_path) == dev_hash2
+        st2 = r2[0].stats
+        assert 3 * MiB <= st2.bytes_read <= 6 * MiB, st2
+
+        # The final pass at cutover, services stopped: data still in the page cache (no
+        # sync) must reach the copy, and the filesystem stays frozen from before hashing
+        # until release, so the point is consistent and carries the server's manifest.
+        agent_guest.ssh("head -c 2M /dev/urandom > /srv/live/final.bin")
+        s3 = src.open_final_pass(ref, token2)
+        try:
+            assert s3.consistency is Consistency.CRASH_CONSISTENT, s3.notes
+            assert s3.freeze["live_frozen"] == ["/srv/live"]
+            d3 = s3.disks[0]
+            assert d3.mode == "dirty" and d3.manifest is not None
+            # A writer that starts now waits for the thaw.
+            agent_guest.ssh("nohup sh -c 'echo late > /srv/live/late.txt' >/dev/null 2>&1 &")
+            r3 = run_sync(s3, store, "rp000003")
+            dev_hash3 = agent_guest.sha256_of("/dev/vdc")
+            # Frozen = clean: ext4 flushed its journal (a live copy carries needs_recovery).
+            feats = agent_guest.ssh("dumpe2fs -h /dev/vdc 2>/dev/null | grep -i features")
+            assert "has_journal" in feats and "needs_recovery" not in feats, feats
+            assert agent_guest.ssh("test -e /srv/live/late.txt || echo absent").strip() == "absent"
+            s3.token()
+        finally:
+            s3.release()
+        assert s3.freeze["thawed"] == ["/srv/live"]
+        assert point_sha256(store, "vdc", r3[0], tmp_path) == dev_hash3
+        assert manifest_path(DiskChain(store / "vdc"), "rp000003").exists()  # verifiable
+        end = time.monotonic() + 60
+        while agent_guest.ssh("cat /srv/live/late.txt 2>/dev/null || true").strip() != "late":
+            assert time.monotonic() < end, "the write held by the freeze never landed"
+            time.sleep(1)
+        assert_clean(agent_guest)
     finally:
-        agent_guest.ssh("rm -f /srv/live/pass2.bin && sync")
-    assert point_sha256(store, "vdc", r2[0], tmp_path) == dev_hash2
-    st2 = r2[0].stats
-    assert 3 * MiB <= st2.bytes_read <= 6 * MiB, st2
+        agent_guest.ssh("rm -f /srv/live/pass2.bin /srv/live/final.bin /srv/live/late.txt; sync")
     print(
         f"live: pass 1 read {r1[0].stats.bytes_read / MiB:.1f} MiB, pass 2 "
-        f"{st2.bytes_read / MiB:.1f} MiB for 3 MiB written"
+        f"{st2.bytes_read / MiB:.1f} MiB for 3 MiB written; final frozen pass "
+        f"{r3[0].stats.bytes_read / MiB:.1f} MiB, open {s3.timings}"
     )

@@ -27,6 +27,8 @@ and ``serve`` (the NBD protocol):
     hash DEV BLOCK [-]             8-byte big-endian size, then sha256 of every block (or of
                                    the block numbers given on stdin)
     serve DEV SERVER               NBD on stdin/stdout: nbdkit -s, qemu-nbd (relayed), builtin
+    freeze-hold DEV...             final live pass: freeze the filesystems on DEV until stdin
+                                   ends (one JSON line when frozen, one when thawed)
 """
 
 import hashlib
@@ -47,6 +49,7 @@ import time
 from typing import IO, Any, Dict, List, Optional
 
 FREEZE_TIMEOUT_S = 60  # an lvcreate (suspend, freeze, resume) that takes longer is stuck
+FREEZE_HOLD_MAX_S = 4 * 3600  # a final live pass frozen longer than this thaws anyway
 # While the origin is suspended, LVM must not write its metadata backups to it (it may be /).
 LVM_NO_BACKUP = "backup { backup = 0 archive = 0 }"
 READ_CHUNK = 1 << 20
@@ -706,8 +709,53 @@ def cmd_serve(args: List[str]) -> None:
     serve_builtin(dev, sys.stdin.buffer, sys.stdout.buffer)
 
 
+def cmd_freeze_hold(args: List[str]) -> None:
+    """freeze-hold DEV...: the final live pass at cutover (services stopped). Flush, freeze
+    every filesystem mounted from DEV (fsfreeze), print one JSON line, hold the freeze
+    until stdin ends (the appliance closes the channel, or the link died and sshd closed
+    it) or FREEZE_HOLD_MAX_S passed, then thaw: a server is never left frozen by a lost
+    appliance. ``/`` is never frozen (sshd, journald and this helper live on it): its
+    device is flushed and copied live."""
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a write after the channel died must not kill us
+
+    def stop(_sig: int, _frame: Any) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
+    devices = {}  # type: Dict[str, Dict[str, Any]]
+    for dev in args:
+        mps = mountpoints_of(dev)
+        devices[dev] = {"mounts": mps, "quiet": "/" not in mps}
+    _run(["sync"], timeout=FREEZE_TIMEOUT_S * 5)
+    frozen = []  # type: List[str]
+    try:
+        for d in devices.values():
+            for mp in d["mounts"]:
+                if mp == "/" or mp in frozen:
+                    continue
+                p = _run(["fsfreeze", "-f", mp], timeout=FREEZE_TIMEOUT_S, check=False)
+                if p.returncode != 0:
+                    raise HelperError("fsfreeze -f {} failed: {}".format(mp, p.stderr.strip()))
+                frozen.append(mp)
+        _out({"frozen": frozen, "devices": devices})
+        end = time.time() + FREEZE_HOLD_MAX_S
+        while time.time() < end:
+            r, _, _ = select.select([sys.stdin], [], [], 5.0)
+            if r and not os.read(sys.stdin.fileno(), 4096):
+                break  # the appliance is done (or gone)
+    finally:
+        for mp in reversed(frozen):
+            _run(["fsfreeze", "-u", mp], timeout=FREEZE_TIMEOUT_S, check=False)
+    try:
+        _out({"thawed": frozen})
+    except OSError:
+        pass
+
+
 COMMANDS = {
     "check": cmd_check,
+    "freeze-hold": cmd_freeze_hold,
     "inventory": cmd_inventory,
     "snapshot": cmd_snapshot,
     "status": cmd_status,

@@ -31,8 +31,10 @@ import contextlib
 import json
 import logging
 import re
+import select
 import shutil
 import struct
+import subprocess
 import threading
 import time
 import uuid
@@ -59,6 +61,7 @@ TAG = "ferryman"  # LVM tag on every snapshot the agent makes; nothing else carr
 HELPER_NAME = "ferryman_agent.py"
 REMOTE_DIR_RE = re.compile(r"^/tmp/ferryman-agent\.[A-Za-z0-9]{8}$")
 DEFAULT_SNAPSHOT_SIZE = "20%ORIGIN"  # copy-on-write room: writes during one sync
+FREEZE_HOLD_START_S = 180.0  # sync + fsfreeze of the live filesystems on a busy server
 WATCH_INTERVAL_S = 3.0  # how often a running sync checks its snapshots' fill level
 HASH_TIMEOUT_S = 6 * 3600.0  # reading a large disk on a slow server takes long
 KEEP_MANIFESTS = 3  # per disk in the adapter's own cache
@@ -205,6 +208,54 @@ class AgentDiskExport:
         return sum(e.length for e in self.planned if not e.zero)
 
 
+class FreezeHold:
+    """The final live pass at cutover: the filesystems of the live devices stay frozen for
+    as long as one SSH channel runs ``helper.py freeze-hold``. Closing its stdin thaws them;
+    so does a dropped link (sshd ends the channel), so a lost appliance never leaves the
+    server frozen."""
+
+    def __init__(self, ssh: Ssh, argv: list[str]) -> None:
+        self.ssh = ssh
+        self.proc: subprocess.Popen[bytes] = ssh.popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        self.err = ""
+
+    def wait_frozen(self, timeout: float = FREEZE_HOLD_START_S) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        r, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if r else b""
+        if not line:
+            with contextlib.suppress(FerrymanError):
+                self.close()
+            err = self.err.strip().splitlines()
+            raise AgentError(
+                f"freezing the live filesystems on {self.ssh.host} failed: "
+                f"{err[-1] if err else 'no answer'}",
+                hint="stop the services that write to them and confirm the delta again",
+            )
+        doc: dict[str, Any] = json.loads(line)
+        return doc
+
+    def close(self) -> list[str]:
+        """Thaw: end the channel, wait for the helper to confirm. -> the thawed mount points"""
+        try:
+            out, err = self.proc.communicate(timeout=120)  # closes stdin: the helper thaws
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AgentError(
+                f"the filesystems frozen on {self.ssh.host} did not confirm the thaw",
+                hint="check on the server: fsfreeze -u MOUNTPOINT (the helper thaws by itself "
+                "when its channel ends)",
+            ) from None
+        self.err = err.decode(errors="replace")
+        for ln in out.splitlines():
+            with contextlib.suppress(ValueError):
+                return list(json.loads(ln).get("thawed", []))
+        return []
+
+
 class AgentSession:
     def __init__(self, source: LinuxAgentSource, ssh: Ssh, helper: RemoteHelper) -> None:
         self.source = source
@@ -222,6 +273,8 @@ class AgentSession:
         self.timings: dict[str, float] = {}  # seconds per step of open_session
         self.resumed_snapshot = False  # True: snapshots of an interrupted earlier session
         self.forwarders: list[NbdForwarder] = []
+        self.hold: FreezeHold | None = None  # final live pass: frozen until release
+        self.final_pass = False
         self._released = False
         self._failure: AgentError | None = None
         self._watch_stop = threading.Event()
@@ -331,6 +384,12 @@ class AgentSession:
             except Exception as e:  # keep going: the snapshot must still be removed
                 errors.append(f"closing {f.sock.name}: {e}")
         self.forwarders.clear()
+        if self.hold is not None:
+            try:
+                self.freeze["thawed"] = self.hold.close()
+            except FerrymanError as e:
+                errors.append(str(e))
+            self.hold = None
         try:
             if self.helper.dir is not None:
                 # One call removes the snapshots and the helper: each costs seconds on a
@@ -546,10 +605,24 @@ class LinuxAgentSource:
                 )
         return list(self.volumes)
 
-    def open_session(self, machine_ref: str, previous_token: dict[str, Any] | None) -> AgentSession:
+    def open_final_pass(
+        self, machine_ref: str, previous_token: dict[str, Any] | None
+    ) -> AgentSession:
+        """The last delta at cutover, with the services stopped: LVs are snapshotted as
+        always; the filesystems on live devices are frozen (fsfreeze) from before hashing
+        until release, so their copy is consistent and verifiable like a snapshot's."""
+        return self.open_session(machine_ref, previous_token, final_pass=True)
+
+    def open_session(
+        self,
+        machine_ref: str,
+        previous_token: dict[str, Any] | None,
+        final_pass: bool = False,
+    ) -> AgentSession:
         ssh = self._ssh()
         helper = RemoteHelper(ssh)
         session = AgentSession(self, ssh, helper)
+        session.final_pass = final_pass
         try:
             self._open(session, machine_ref, previous_token)
         except BaseException:
@@ -631,7 +704,16 @@ class LinuxAgentSource:
                     "volumes are snapshotted one after the other: each is consistent in "
                     "itself, not with the others"
                 )
-        if self.live_devices:
+        quiet: set[str] = set()  # live devices frozen (or unmounted) for the whole copy
+        if self.live_devices and s.final_pass:
+            s.hold = FreezeHold(s.ssh, s.helper.argv("freeze-hold", *self.live_devices))
+            held = s.hold.wait_frozen()
+            step("freeze")
+            quiet = {dev for dev, d in held["devices"].items() if d["quiet"]}
+            s.freeze["live_frozen"] = held["frozen"]  # fsfreeze until release
+            for dev in sorted(set(self.live_devices) - quiet):
+                s.notes.append(f"{dev} holds / and was copied live (flushed, not frozen)")
+        if set(self.live_devices) - quiet:
             s.consistency = Consistency.CRASH_INCONSISTENT
         s.snapshot_id = f"agent-{s.machine_id[:12]}-{sid}"
         prev_disks = (previous_token or {}).get("disks", {})
@@ -666,7 +748,8 @@ class LinuxAgentSource:
             )
             s.forwarders.append(fwd)
             own = manifest
-            if not snap:
+            stable = bool(snap) or origin in quiet  # cannot change while it is copied
+            if not stable:
                 own = HashManifest(size=size, block_size=BLOCK_SIZE, algo=ALGO, hashes=list(hashes))
                 for ext in planned:
                     if not ext.zero:
@@ -676,15 +759,18 @@ class LinuxAgentSource:
                 disk=disk,
                 nbd_uri=fwd.uri,
                 mode=mode,
-                manifest=manifest if snap else None,
+                manifest=manifest if stable else None,
                 own_manifest=own,
-                before=hashes if not snap else [],
+                before=hashes if not stable else [],
+                settled=stable,
                 planned=planned,
                 origin=origin,
                 snapshot=snap["snapshot"] if snap else "",
             )
             if not snap:
-                export.notes.append("copied live: crash-inconsistent")
+                export.notes.append(
+                    "copied frozen (final pass)" if stable else "copied live: crash-inconsistent"
+                )
             s.disks.append(export)
         s.full = all_full
         s.reason = "; ".join(reasons)
