@@ -96,6 +96,11 @@ def ensure_network() -> None:
 
 
 def setup_lab(c: Client, story: Story, domain_type: str) -> None:
+    if not lab.vm_defined() and not lab.base_cached():
+        story.step(
+            "building the lab image (first run only: debootstrap + libguestfs, about 5-7 min "
+            f"on 2 cores without KVM; cached in {lab.cache_root()})"
+        )
     r = lab.start_vm(domain_type)
     story.step(
         f"lab VM {lab.DOMAIN} {'started' if r['started'] else 'already running'} "

@@ -77,6 +77,28 @@ def _run(argv: list[str], what: str, timeout: float = 1800) -> str:
     return r.stdout
 
 
+def cache_root() -> Path:
+    return paths().cache_dir
+
+
+def base_cached() -> bool:
+    """Is a lab base image in the cache (so starting the lab takes seconds, not minutes)?"""
+    return any((paths().cache_dir / "lab").glob("web01-*.qcow2"))
+
+
+def vm_defined() -> bool:
+    import libvirt
+
+    conn = _conn()
+    try:
+        conn.lookupByName(DOMAIN)
+        return True
+    except libvirt.libvirtError:
+        return False
+    finally:
+        conn.close()
+
+
 def base_image() -> Path:
     """The lab's read-only base: vmware-like + the writer, cached beside the test guests."""
     guest = Path(
