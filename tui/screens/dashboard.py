@@ -32,6 +32,7 @@ TREND_SAMPLES = 30  # live rate samples kept per machine (one per refresh)
 FULL_EVERY = 10
 AGE_REFRESH_S = 10  # ages past a minute are shown in minutes: 10 s granularity is enough
 EVENTS_SHOWN = 30
+FIRST_PAINT_ROWS = 60  # more than a 160x48 screen shows: the rest is added after the paint
 
 
 def _key(m: dict[str, Any], progress: bool = True) -> tuple[Any, ...]:
@@ -225,8 +226,13 @@ class DashboardScreen(FerrymanScreen):
         if bucket != self._rendered_bucket:
             only = None
         self._rendered_bucket = bucket
+        machines = self.machines
+        if not table.row_count and len(machines) > FIRST_PAINT_ROWS:
+            # First paint with a screenful; the other rows follow right after it is drawn.
+            machines = machines[:FIRST_PAINT_ROWS]
+            self.call_after_refresh(self.render_machines)
         rows = []
-        for m in self.machines:
+        for m in machines:
             name = m["name"]
             cached = self._cells.get(name)
             if only is None or name in only or cached is None:

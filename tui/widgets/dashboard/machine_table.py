@@ -174,16 +174,17 @@ class MachineTable(DataTable[Text]):
             if name not in wanted:
                 self.remove_row(name)
                 del self._rendered[name]
-        if any(n not in self._rendered for n, _ in rows):
-            # A machine appeared: rebuild so that the order stays by name (rare).
+        have = len(self._rendered)
+        if [n for n, _ in rows[:have]] != list(self._rendered):
+            # A machine appeared among the others: rebuild so that the order stays (rare).
             self.clear()
             self._rendered.clear()
-            for name, cells in rows:
-                self.add_row(*(styled(c) for c in cells), key=name)
-                self._rendered[name] = cells
-            return
+            have = 0
+        for name, cells in rows[have:]:  # new rows at the end (the first paint's remainder)
+            self.add_row(*(styled(c) for c in cells), key=name)
+            self._rendered[name] = cells
         changed = []
-        for name, cells in rows:
+        for name, cells in rows[:have]:
             old = self._rendered[name]
             if old == cells:
                 continue
