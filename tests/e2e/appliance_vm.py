@@ -43,11 +43,19 @@ ANSI = re.compile(
 )
 
 
+_BUILT: list[Path] = []
+
+
 def build_image() -> Path:
+    """The appliance image, built (or found in the cache) once per test session: others edit
+    the checkout meanwhile, and each edit to an input would be a new image (minutes)."""
+    if _BUILT and _BUILT[-1].exists():
+        return _BUILT[-1]
     sys.path.insert(0, str(ROOT / "images" / "appliance"))
     import imagebuild
 
-    return Path(imagebuild.build())
+    _BUILT.append(Path(imagebuild.build()))
+    return _BUILT[-1]
 
 
 def make_bundle(out_dir: Path, version: str) -> Path:
@@ -156,12 +164,13 @@ class Appliance:
         raise AssertionError(f"{pattern!r} not on the serial console within {timeout:.0f} s")
 
 
-def _seed_disk(work: Path, pub: str) -> Path:
+DEFAULT_FIRSTBOOT = f"hostname={HOSTNAME}\nnetwork=dhcp\ntimezone=UTC\ndata_disk=auto\n"
+
+
+def _seed_disk(work: Path, pub: str, firstboot: str) -> Path:
     seed = work / "seed"
     seed.mkdir()
-    (seed / "firstboot.conf").write_text(
-        f"hostname={HOSTNAME}\nnetwork=dhcp\ntimezone=UTC\ndata_disk=auto\n"
-    )
+    (seed / "firstboot.conf").write_text(firstboot)
     (seed / "operator.keys").write_text(pub)
     (seed / "admin.keys").write_text(pub)
     img = work / "seed.img"
@@ -172,18 +181,35 @@ def _seed_disk(work: Path, pub: str) -> Path:
 
 
 @contextlib.contextmanager
-def running(image: Path, work: Path) -> Iterator[Appliance]:
+def running(
+    image: Path,
+    work: Path,
+    *,
+    firstboot: str = DEFAULT_FIRSTBOOT,
+    data_disk: bool = True,
+    extra_disks: tuple[Path, ...] = (),
+    guest_ip: str = "",
+) -> Iterator[Appliance]:
+    """Boot ``image`` from an overlay with a seed disk (``firstboot`` is its firstboot.conf,
+    the throw-away key goes to both accounts), an empty 4 GiB data disk unless ``data_disk``
+    is False, then ``extra_disks`` (raw), and SSH forwarded to ``guest_ip`` (default: the
+    address slirp's DHCP gives)."""
     work.mkdir(parents=True, exist_ok=True)
     key = work / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    seed = _seed_disk(work, (work / "id_ed25519.pub").read_text())
+    seed = _seed_disk(work, (work / "id_ed25519.pub").read_text(), firstboot)
     overlay = work / "appliance.qcow2"
     subprocess.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image), "-F", "qcow2", str(overlay)],
         check=True,
     )
-    data = work / "data.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(data), "4G"], check=True)
+    disks = [f"file={overlay},format=qcow2,if=virtio"]
+    if data_disk:
+        data = work / "data.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(data), "4G"], check=True)
+        disks.append(f"file={data},format=qcow2,if=virtio")
+    disks += [f"file={d},format=raw,if=virtio" for d in extra_disks]
+    disks.append(f"file={seed},format=raw,if=virtio,readonly=on")
     port = _free_port()
     argv = [
         "qemu-system-x86_64",
@@ -201,14 +227,9 @@ def running(image: Path, work: Path) -> Iterator[Appliance]:
         "none",
         "-serial",
         f"file:{work / 'serial.log'}",
-        "-drive",
-        f"file={overlay},format=qcow2,if=virtio",
-        "-drive",
-        f"file={data},format=qcow2,if=virtio",
-        "-drive",
-        f"file={seed},format=raw,if=virtio,readonly=on",
+        *(arg for d in disks for arg in ("-drive", d)),
         "-netdev",
-        f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:22",
+        f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-{guest_ip}:22",
         "-device",
         "virtio-net-pci,netdev=n0",
     ]
