@@ -42,7 +42,7 @@ def _scenario(env: Any, work: Path, runs: int) -> dict[str, Any]:
             c.add_source("lab", "nbd", exp.uri, params={"name": MACHINE})
             c.wait(c.discover("lab")["id"], timeout=120)
             c.protect(MACHINE)
-            c.save_plan("bv", bootverify_plan("latest", network_check=False))
+            c.save_plan("bv", bootverify_plan("latest"))
             job = c.wait(c.sync(MACHINE)["id"], timeout=900)
             if job["state"] != "succeeded":
                 raise RuntimeError(f"sync failed: {job.get('error')}")

@@ -1,7 +1,7 @@
 """Boot-verified and pre-converted restore points through a real ferrymand, libvirtd (TCG),
 libguestfs and an NBD source (qemu-nbd over a qcow2 overlay of the VMware-like guest).
 
-One scenario, so that the guest boots only three times:
+One scenario, so that the guest boots only four times:
 
     kernel removed on the source (libguestfs)  -> sync -> point 1 verified automatically
                                                    (every-sync): NOT bootable (the converter
@@ -13,6 +13,9 @@ One scenario, so that the guest boots only three times:
                                                    kept pre-converted
     a sync while point 3 is being verified     -> point 4: verification skipped, event
     test run of a plan asking "latest-verified" -> point 3, no conversion step: RTO = boot
+    cutover --use-preconverted                 -> last delta skipped, point 3 boots without a
+                                                   conversion, the RPO accepted is reported;
+                                                   rolled back
 
 Every sync ends with the proof: the restore point equals the source, block for block.
 """
@@ -20,6 +23,7 @@ Every sync ends with the proof: the restore point equals the source, block for b
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -44,7 +48,7 @@ HOSTNAME = "web01bv"
 
 
 def bootverify_plan(
-    restore_point: str = "latest-verified", network_check: bool = True
+    restore_point: str = "latest-verified", tcp_port: int | None = None
 ) -> dict[str, Any]:
     checks: list[dict[str, Any]] = [
         {
@@ -53,8 +57,8 @@ def bootverify_plan(
             "timeout_s": 900,
         }
     ]
-    if network_check:  # needs a network: a boot verification leaves it to test runs
-        checks.append({"type": "tcp", "address": "10.9.9.9", "port": 22, "timeout_s": 5})
+    if tcp_port is not None:  # needs a network: a boot verification leaves it to test runs
+        checks.append({"type": "tcp", "address": "127.0.0.1", "port": tcp_port, "timeout_s": 30})
     return {
         "format": 1,
         "name": "bv",
@@ -151,6 +155,16 @@ def sync(env: Env, src: Path) -> dict[str, Any]:
     return rp  # type: ignore[no-any-return]
 
 
+def settle(c: Any, run_id: int) -> dict[str, Any]:
+    """Until a cutover waits for the operator again (or ended)."""
+    c.wait_run(
+        run_id,
+        until=("awaiting", "failed", "interrupted", "committed", "rolled-back"),
+        timeout=1800,
+    )
+    return dict(c.cutover_status(run_id))
+
+
 def point(env: Env, rp_id: int) -> dict[str, Any]:
     with env.client() as c:
         return next(r for r in c.restore_points(MACHINE) if r["id"] == rp_id)
@@ -163,6 +177,8 @@ def test_not_bootable_then_bootable_then_failover_without_conversion(
     fresh_source(vmware_like_image, src)
     removed = remove_kernels(src)
     exp = NbdExport(src, tmp_path / "web01.sock", fmt="qcow2")
+    service = socket.create_server(("127.0.0.1", 0))  # what the plan's tcp check reaches
+    port = service.getsockname()[1]
     daemon = PlansDaemon(fm_env)
     kept = fm_env.state_dir / "boot-verify" / MACHINE
 
@@ -180,7 +196,7 @@ def test_not_bootable_then_bootable_then_failover_without_conversion(
             c.protect(MACHINE)
             m = c.set_boot_verify(MACHINE, "every-sync")
             assert m["boot_verify"] == "every-sync"
-            c.save_plan("bv", bootverify_plan())  # valid: verified automatically from now on
+            c.save_plan("bv", bootverify_plan(tcp_port=port))  # valid: verified from now on
 
         # -- point 1: no kernel: the converter refuses, no boot needed ----------------------
         rp1 = sync(fm_env, src)
@@ -229,7 +245,7 @@ def test_not_bootable_then_bootable_then_failover_without_conversion(
         r3 = job3["result"]
         assert r3["boot_verified"] == "bootable", json.dumps(r3, indent=1)
         assert r3["preconverted"] is True and r3["plan"] == "bv"
-        assert r3["checks_skipped"] == ["tcp 10.9.9.9:22"]  # no network in a verification
+        assert r3["checks_skipped"] == [f"tcp 127.0.0.1:{port}"]  # no network in a verification
         assert r3["convert_s"] > 5 and r3["boot_s"] > 5, r3  # a real conversion, a real boot
         text3 = Path(r3["console_log"]).read_text(errors="replace")
         assert f"host={HOSTNAME}" in text3 and "block=virtio_blk" in text3
@@ -275,12 +291,44 @@ def test_not_bootable_then_bootable_then_failover_without_conversion(
         # The test run's overlay is gone; the pre-converted one stays for the next failover.
         assert all(Path(d["path"]).exists() for d in pre[0]["disks"])
         assert len(readers_left(fm_env)) == 1
+
+        # -- cutover from the pre-converted point: the operator accepts its RPO -------------
+        with fm_env.client() as c:
+            c.set_boot_verify(MACHINE, "off")  # no verification of the final delta's point
+            run = c.cutover_start("bv", use_preconverted=True)
+            rid = run["id"]
+            pre_check = [ch for ch in run["report"]["preflight"] if "pre-converted" in ch["check"]]
+            assert [ch["ok"] for ch in pre_check] == [True], run["report"]["preflight"]
+            c.cutover_confirm(rid, "final-delta")
+            assert settle(c, rid)["next"] == "stop-source"
+            c.cutover_confirm(rid, "stop-source")  # guided: last delta, seal, bring-up follow
+            st = settle(c, rid)
+            crep = st["report"]
+            assert st["state"] == "awaiting" and st["next"] == "commit", crep.get("error")
+            last = next(x for x in crep["steps"] if x["step"] == "last-delta")
+            assert "skipped, pre-converted points used" in last["detail"], last
+            acc = crep["rpo_accepted"][MACHINE]
+            assert acc["restore_point"] == rp3["id"] and acc["rpo_s"] > 0, acc
+            assert crep["points"] == {MACHINE: rp3["id"]}  # not the final delta's newer point
+            cm = crep["machines"][MACHINE]
+            assert cm["state"] == "ready", cm
+            assert cm["conversion"]["backend"] == "preconverted", cm["conversion"]
+            assert cm["phases"]["convert_s"] < 5, cm["phases"]
+            c.cutover_rollback_run(rid)
+            assert settle(c, rid)["state"] == "rolled-back"
+        assert all(Path(d["path"]).exists() for d in pre[0]["disks"])
+        assert len(readers_left(fm_env)) == 1
+        print(
+            f"\ncutover from the pre-converted point: downtime {crep.get('downtime_s')} s "
+            f"(boot {cm['phases']['boot_s']} s), RPO accepted {acc['rpo_s']} s"
+        )
         print(
             f"\nremoved kernels {removed}; point {rp3['id']} verified: convert "
             f"{r3['convert_s']} s, boot {r3['boot_s']} s; test run from the pre-converted "
             f"point: RTO {mr['rto_s']} s (boot {ph['boot_s']} s, ready {ph['ready_s']} s)"
         )
     finally:
+        service.close()
         daemon.stop()
         exp.stop()
     assert libvirt_names(f"fm-{store_tag(fm_env)}-") == {"domains": [], "networks": []}
