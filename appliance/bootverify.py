@@ -181,9 +181,9 @@ def _point(db: Database, machine_id: int, rp_id: int | None) -> dict[str, Any]:
     if not rps:
         raise NotFound("the machine has no restore point", hint="sync it first")
     if rp_id is None:
-        return rps[-1]
+        rp_id = int(rps[-1]["id"])
     rp = next((r for r in rps if r["id"] == rp_id), None)
-    if rp is None:
+    if rp is None or not rp["disks"]:
         raise NotFound(
             f"no restore point {rp_id} of this machine (merged or deleted?)",
             hint="list them with: ferryman points NAME",

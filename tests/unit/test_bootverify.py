@@ -101,7 +101,10 @@ def test_policy_limits(tmp_path: Path) -> None:
     assert (m["boot_verify"], m["boot_verify_every_s"]) == ("every-sync", None)
 
 
-def test_a_point_sealed_while_another_verification_runs_is_skipped(tmp_path: Path) -> None:
+def test_a_point_sealed_while_another_verification_runs_is_skipped(
+    tmp_path: Path,
+    fm_env: Env,  # paths of its own, should a job ever start
+) -> None:
     path = tmp_path / "s.db"
     db = _store(path)
     _point(db, 1)
@@ -158,7 +161,10 @@ def test_preconverted_point_fits_only_the_same_conversion(tmp_path: Path) -> Non
     assert preconverted.usable(db, 1, 1, key) is None  # the file went: never boot a ghost
 
 
-def test_a_verification_the_daemon_lost_is_reported_once(tmp_path: Path) -> None:
+def test_a_verification_the_daemon_lost_is_reported_once(
+    tmp_path: Path,
+    fm_env: Env,  # paths of its own, should a job ever start
+) -> None:
     path = tmp_path / "s.db"
     db = _store(path)
     _point(db, 1)
@@ -234,3 +240,29 @@ def test_cutover_use_preconverted_needs_one_made_for_the_plan(tmp_path: Path, fm
     assert not preconverted.staging_path(1, 1, "sda", 5).exists()
     (check,) = preconverted_checks(db, plan)
     assert check["ok"] is True and check["detail"].startswith("point 1 (source time ")
+
+
+def test_schedule_waits_for_its_interval_and_for_a_free_slot(
+    tmp_path: Path,
+    fm_env: Env,  # paths of its own, should a job ever start
+) -> None:
+    path = tmp_path / "s.db"
+    db = _store(path)
+    _point(db, 1, "bootable")
+    db.execute(  # judged a minute ago
+        "UPDATE restore_points SET boot_report='{}', boot_verified_at=? WHERE id=1", [now()]
+    )
+    _point(db, 2)
+    bootverify.set_policy(db, "web01", "schedule", 7200)
+    runner = JobRunner(lambda: open_store(path, migrate=False), all_specs())
+    assert bootverify.tick(db, runner) == []  # the last verdict is younger than 2 h
+    db.execute("UPDATE restore_points SET boot_verified_at='2020-01-01T00:00:00+00:00'")
+    db.execute(
+        "INSERT INTO jobs (id, kind, state, params, created_at) VALUES (3, 'bootverify', "
+        "'running', ?, ?)",
+        [dumps({"machine": 1, "restore_point": 1}), now()],
+    )
+    assert bootverify.tick(db, runner) == []  # due, but one verification at a time
+    # "schedule" waits for the slot instead of skipping the point.
+    assert db.execute("SELECT boot_report FROM restore_points WHERE id=2").fetchone()[0] is None
+    assert db.execute("SELECT count(*) FROM events").fetchone()[0] == 0
