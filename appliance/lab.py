@@ -225,19 +225,32 @@ def reset() -> list[str]:
             if dom.name().startswith(PREFIX) or (
                 dom.name().startswith("fm-") and dom.name().endswith(f"-{DOMAIN}")
             ):
-                if dom.isActive():
-                    dom.destroy()
+                name = dom.name()
                 flags = getattr(libvirt, "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA", 0) | getattr(
                     libvirt, "VIR_DOMAIN_UNDEFINE_NVRAM", 0
                 )
-                dom.undefineFlags(flags)
-                done.append(f"domain {dom.name()}")
+                try:
+                    if dom.isActive():
+                        dom.destroy()
+                    if dom.isPersistent():
+                        dom.undefineFlags(flags)
+                except libvirt.libvirtError as e:
+                    # A test run's transient domain can vanish while we look (ferrymand
+                    # cleans it up): gone is what we want.
+                    if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise
+                done.append(f"domain {name}")
         for net in conn.listAllNetworks():
             if net.name().startswith(PREFIX):
-                if net.isActive():
-                    net.destroy()
-                net.undefine()
-                done.append(f"network {net.name()}")
+                name = net.name()
+                try:
+                    if net.isActive():
+                        net.destroy()
+                    net.undefine()
+                except libvirt.libvirtError as e:
+                    if e.get_error_code() != libvirt.VIR_ERR_NO_NETWORK:
+                        raise
+                done.append(f"network {name}")
     finally:
         conn.close()
     d = lab_dir()
