@@ -13,7 +13,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -37,8 +37,14 @@ TUI_MARKERS = ("1 Dash", "2 Sources", "Quit")
 
 
 @pytest.fixture(scope="module")
-def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
-    image = build_image()
+def image() -> Path:
+    """Built once for the module: others edit the checkout meanwhile, and every edit to an
+    input is a new image key."""
+    return build_image()
+
+
+@pytest.fixture(scope="module")
+def appliance(image: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     with running(image, tmp_path_factory.mktemp("appliance")) as vm:
         vm.boot_s = vm.wait_ssh(420)  # type: ignore[attr-defined]
         yield vm
@@ -181,19 +187,9 @@ def test_operator_gets_no_sftp_or_scp(appliance: Appliance, tmp_path: Path) -> N
     assert b"opens the Ferryman text UI only" in r.stderr, r.stderr
 
 
-def test_operator_gets_no_port_forwarding(appliance: Appliance) -> None:
-    # -R needs the server's consent: refused at once.
-    r = subprocess.run(
-        [
-            *appliance.ssh_argv(
-                "op", "-N", "-o", "ExitOnForwardFailure=yes", "-R", "127.0.0.1:2222:127.0.0.1:22"
-            )
-        ],
-        capture_output=True,
-        timeout=60,
-    )
-    assert r.returncode != 0 and b"forwarding failed" in r.stderr.lower(), r.stderr
-    # -L is set up by the client; the server must refuse every channel opened through it.
+def _forward_is_refused(appliance: Appliance, flag: str, spec: str, socks: bool) -> None:
+    """A client-side forward (-L or -D): the client binds the port, the server must refuse
+    every channel opened through it (sshd logs it as prohibited; nothing reaches port 22)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         lport = s.getsockname()[1]
@@ -202,7 +198,7 @@ def test_operator_gets_no_port_forwarding(appliance: Appliance) -> None:
             "ssh",
             "-o",
             "LogLevel=INFO",
-            *appliance.ssh_argv("op", "-N", "-L", f"127.0.0.1:{lport}:127.0.0.1:22")[1:],
+            *appliance.ssh_argv("op", "-N", flag, spec.format(port=lport))[1:],
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -215,19 +211,155 @@ def test_operator_gets_no_port_forwarding(appliance: Appliance) -> None:
                 with socket.create_connection(("127.0.0.1", lport), timeout=10) as c:
                     c.settimeout(15)
                     try:
-                        got = c.recv(100)
-                    except TimeoutError:
+                        if socks:  # SOCKS5: no auth, then CONNECT 127.0.0.1:22 (inside the VM)
+                            c.sendall(b"\x05\x01\x00")
+                            assert c.recv(2) == b"\x05\x00"
+                            c.sendall(
+                                b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + b"\x00\x16"
+                            )
                         got = b""
+                        while chunk := c.recv(100):  # ssh's SOCKS reply, then EOF on refusal
+                            got += chunk
+                    except (TimeoutError, ConnectionResetError):
+                        pass
                     break
             except ConnectionRefusedError:  # the client has not bound the port yet
                 time.sleep(1)
         else:
-            pytest.fail("the ssh client never bound the local forward port")
-        assert not got.startswith(b"SSH-"), "a TCP forward reached the appliance's sshd"
+            pytest.fail(f"the ssh client never bound the {flag} forward port")
+        assert b"SSH-" not in got, f"a {flag} forward reached the appliance's sshd"
     finally:
         proc.kill()
         _, err = proc.communicate()
     assert b"prohibited" in err, err
+
+
+def test_operator_gets_no_port_forwarding(appliance: Appliance) -> None:
+    # -R needs the server's consent: refused at once.
+    r = subprocess.run(
+        [
+            *appliance.ssh_argv(
+                "op", "-N", "-o", "ExitOnForwardFailure=yes", "-R", "127.0.0.1:2222:127.0.0.1:22"
+            )
+        ],
+        capture_output=True,
+        timeout=60,
+    )
+    assert r.returncode != 0 and b"forwarding failed" in r.stderr.lower(), r.stderr
+    # -L and -D (SOCKS) are set up by the client; the server refuses every channel.
+    _forward_is_refused(appliance, "-L", "127.0.0.1:{port}:127.0.0.1:22", socks=False)
+    _forward_is_refused(appliance, "-D", "127.0.0.1:{port}", socks=True)
+
+
+class _TuiSession:
+    """An interactive `ssh -tt op@appliance` with a token in its environment (LC_FMTEST, which
+    Debian's sshd accepts) so the admin account can find its processes inside the VM."""
+
+    def __init__(self, appliance: Appliance, *extra: str, env: dict[str, str] | None = None):
+        self.appliance = appliance
+        self.token = f"fm{os.getpid()}x{time.monotonic_ns()}"
+        self.proc = subprocess.Popen(
+            appliance.ssh_argv("op", "-tt", "-o", f"SetEnv=LC_FMTEST={self.token}", *extra),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        assert self.proc.stdout is not None
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self.out = b""
+
+    def read_until(self, seconds: float, done: Callable[[bytes], bool]) -> bool:
+        assert self.proc.stdout is not None
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            chunk = self.proc.stdout.read(65536)
+            if chunk:
+                self.out += chunk
+                if done(self.out):
+                    return True
+            elif self.proc.poll() is not None:
+                return done(self.out)
+            else:
+                time.sleep(0.5)
+        return done(self.out)
+
+    def send(self, keys: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(keys)
+        self.proc.stdin.flush()
+
+    def remote_processes(self) -> dict[int, tuple[str, dict[str, str]]]:
+        """PID -> (state, environment) of this session's processes inside the appliance."""
+        r = self.appliance.admin(
+            "for p in $(pgrep -u op); do "
+            "e=$(sudo cat /proc/$p/environ 2>/dev/null | tr '\\0' '\\037'); "
+            f'case "$e" in *LC_FMTEST={self.token}*) '
+            'echo "$p|$(ps -o stat= -p $p)|$e";; esac; done'
+        )
+        found = {}
+        for line in r.stdout.splitlines():
+            pid, state, env = line.split("|", 2)
+            pairs = (kv.split("=", 1) for kv in env.split("\x1f") if "=" in kv)
+            found[int(pid)] = (state.strip(), {k: v for k, v in pairs})
+        return found
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def test_operator_gets_no_agent_forwarding(appliance: Appliance, tmp_path: Path) -> None:
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+        subprocess.run(["ssh-add", "-q", str(appliance.key)], env=env, check=True, timeout=30)
+        session = _TuiSession(appliance, "-A", env=env)
+        try:
+            assert session.read_until(150, _tui_seen), plain(session.out)[-2000:]
+            procs = session.remote_processes()
+            assert procs, "the TUI session's processes were not found inside the appliance"
+            for pid, (_, penv) in procs.items():
+                assert "SSH_CONNECTION" in penv, (pid, penv)  # it is the SSH session
+                assert "SSH_AUTH_SOCK" not in penv, f"agent forwarded to pid {pid}: {penv}"
+            r = appliance.admin("sudo find /tmp -maxdepth 2 -user op -name 'agent.*'")
+            assert r.stdout.strip() == "", r.stdout
+        finally:
+            session.close()
+    finally:
+        agent.kill()
+        agent.wait()
+
+
+def test_ctrl_z_keeps_the_tui_and_killing_it_ends_the_session(appliance: Appliance) -> None:
+    session = _TuiSession(appliance)
+    try:
+        assert session.read_until(150, _tui_seen), plain(session.out)[-2000:]
+        session.send(b"\x1a")  # Ctrl-Z: a key in the TUI's raw terminal, no job control
+        time.sleep(5)
+        states = {pid: st for pid, (st, _) in session.remote_processes().items()}
+        assert states and not any(st.startswith("T") for st in states.values()), states
+        mark = len(session.out)
+        session.send(b"2")  # the TUI still answers: switch to the Sources screen
+        assert session.read_until(90, lambda out: "▸2" in plain(out[mark:])), plain(
+            session.out[mark:]
+        )[-2000:]
+        assert session.proc.poll() is None
+        # Crash the TUI: the session ends, no shell takes over.
+        tui = [p for p, (_, e) in session.remote_processes().items() if "SSH_CONNECTION" in e]
+        assert appliance.admin(f"sudo kill -9 {' '.join(map(str, tui))}").returncode == 0
+        mark = len(session.out)
+        session.read_until(60, lambda _: session.proc.poll() is not None)
+        assert session.proc.poll() is not None, "the SSH session outlived its TUI"
+        tail = plain(session.out[mark:])
+        assert "op@" not in tail and "bash" not in tail, tail  # no shell prompt, no shell
+    finally:
+        session.close()
 
 
 def test_doctor_as_admin_reports_no_failing_part(appliance: Appliance) -> None:
@@ -276,7 +408,8 @@ def test_update_bundle_applies_and_rolls_back(appliance: Appliance, tmp_path: Pa
 
     appliance.scp_to(tar, f"/tmp/{tar.name}")
     appliance.scp_to(sidecar, f"/tmp/{sidecar.name}")
-    r = appliance.admin(f"sudo ferryman-update apply --json /tmp/{tar.name}", timeout=900)
+    # A new venv of 42 wheels under TCG: ~10 min on an idle machine, 26 min seen at load 16.
+    r = appliance.admin(f"sudo ferryman-update apply --json /tmp/{tar.name}", timeout=2700)
     assert r.returncode == 0, r.stdout + r.stderr
     applied = json.loads(r.stdout)
     assert applied["previous"] == before["current"] and applied["applied"].startswith(
@@ -296,7 +429,7 @@ def test_update_bundle_applies_and_rolls_back(appliance: Appliance, tmp_path: Pa
     assert st["health"]["version"] == old_version
 
 
-def test_ova_for_vsphere_is_well_formed(tmp_path: Path) -> None:
+def test_ova_for_vsphere_is_well_formed(image: Path, tmp_path: Path) -> None:
     """The OVA: descriptor first, a SHA-256 manifest that matches, a streamOptimized VMDK."""
     import hashlib
     import tarfile
@@ -304,7 +437,7 @@ def test_ova_for_vsphere_is_well_formed(tmp_path: Path) -> None:
 
     from tests.e2e.appliance_vm import make_ova
 
-    ova = make_ova(build_image(), tmp_path)
+    ova = make_ova(image, tmp_path)
     with tarfile.open(ova) as tar:
         names = tar.getnames()
         assert names[0].endswith(".ovf") and names[1].endswith(".mf") and names[2].endswith(".vmdk")
