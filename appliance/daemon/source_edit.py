@@ -18,7 +18,7 @@ from sqlite_utils import Database
 
 from appliance import inventory
 from appliance.errors import Conflict
-from appliance.sources.registry import make_adapter, ssh_host_key, tls_probe
+from appliance.sources.registry import confirm_host_key, make_adapter, ssh_host_key, tls_probe
 from store.db import dumps, now, write_txn
 from store.secrets import Vault
 
@@ -218,11 +218,17 @@ def _confirmations(new: dict[str, Any]) -> None:
                 hint="check it with the vCenter administrator, then edit the source again "
                 "with --thumbprint " + cert["thumbprint"],
             )
-    if new["kind"] == "linux-agent" and not new["params"].get("host_key"):
-        k = ssh_host_key(new["uri"])
-        raise Conflict(
-            f"{k['host']}:{k['port']} presents SSH host key {k['fingerprint']}, not yet "
-            f"confirmed for source '{new['name']}'",
-            hint="check it with the server's administrator, then edit the source again with "
-            f"--param host_key='{k['host_key']}'",
-        )
+    if new["kind"] == "linux-agent":
+        # As at `source add`: a confirmed SHA256 fingerprint is matched against the key the
+        # server presents and that key LINE is pinned (the adapter needs the line).
+        given = new["params"].get("host_key")
+        if not given:
+            k = ssh_host_key(new["uri"])
+            raise Conflict(
+                f"{k['host']}:{k['port']} presents SSH host key {k['fingerprint']}, not yet "
+                f"confirmed for source '{new['name']}'",
+                hint="check it with the server's administrator (ssh-keygen -lf "
+                "/etc/ssh/ssh_host_ed25519_key.pub), then edit the source again with "
+                f"--param host_key={k['fingerprint']}",
+            )
+        new["params"]["host_key"] = confirm_host_key(new["uri"], str(given))

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from appliance.client import Client
+from appliance.sources.agent.ssh import HostKey
 from store.db import open_readonly
 from store.secrets import KEY_NAME, Vault
 from tests.datapath_fixtures import NbdkitServer
@@ -262,18 +263,15 @@ def test_new_agent_host_asks_for_its_ssh_host_key(
     err = refused(
         fm_env, "source", "edit", "agent1", "--uri", f"ssh://root@127.0.0.1:{port_b}", "--no-test"
     )
-    assert f"127.0.0.1:{port_b} presents SSH host key SHA256:" in err
-    assert f"--param host_key='{key_b}'" in err
+    fp_a, fp_b = HostKey.parse(key_a).fingerprint, HostKey.parse(key_b).fingerprint
+    assert f"127.0.0.1:{port_b} presents SSH host key {fp_b}" in err
+    assert f"--param host_key={fp_b}" in err
     assert cli(fm_env, "sources")[0]["params"]["host_key"] == key_a
-    out = cli(
-        fm_env,
-        "source",
-        "edit",
-        "agent1",
-        "--uri",
-        f"ssh://root@127.0.0.1:{port_b}",
-        "--param",
-        f"host_key={key_b}",
-        "--no-test",
-    )
+    move = ("source", "edit", "agent1", "--uri", f"ssh://root@127.0.0.1:{port_b}", "--no-test")
+    # A confirmed fingerprint that is not the one the new server presents: refused.
+    err = refused(fm_env, *move, "--param", f"host_key={fp_a}")
+    assert fp_b in err and fp_a in err
+    assert cli(fm_env, "sources")[0]["params"]["host_key"] == key_a
+    # The confirmed fingerprint pins the key line the server presents, as at `source add`.
+    out = cli(fm_env, *move, "--param", f"host_key={fp_b}")
     assert out["params"]["host_key"] == key_b and out["endpoint_changed"] is True
