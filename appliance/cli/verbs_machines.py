@@ -123,31 +123,6 @@ def source_add(args: argparse.Namespace) -> Output:
     )
 
 
-def source_tls(args: argparse.Namespace) -> Output:
-    with Client() as c:
-        cert = c.tls_probe(args.uri)
-    text = (
-        f"{cert['host']}:{cert['port']} presents\n  SHA-256 {cert['thumbprint']}\n"
-        f"  subject {cert['subject']}\n  issuer  {cert['issuer']}\n"
-        f"  trusted by system CAs: {'yes' if cert['verified_by_ca'] else 'no'}\n"
-        "Confirm the fingerprint with the vCenter administrator, then add the source with "
-        f"--thumbprint {cert['thumbprint']}"
-    )
-    return Output(cert, text)
-
-
-def source_hostkey(args: argparse.Namespace) -> Output:
-    with Client() as c:
-        k = c.ssh_host_key(args.uri)
-    text = (
-        f"{k['host']}:{k['port']} presents\n  {k['fingerprint']}\n"
-        "Confirm the fingerprint with the server's administrator (ssh-keygen -lf "
-        "/etc/ssh/ssh_host_ed25519_key.pub on the server), then add the source with\n"
-        f"  --param host_key={k['fingerprint']}"
-    )
-    return Output(k, text)
-
-
 def source_edit(args: argparse.Namespace) -> Output:
     params: dict[str, Any] = _params(args.param)
     params.update({k: None for k in args.unset_param})
@@ -171,6 +146,31 @@ def source_edit(args: argparse.Namespace) -> Output:
         )
     what = ", ".join(s["changed"]) or "nothing (the values given are the current ones)"
     return Output(s, f"source {s['name']} changed: {what}")
+
+
+def source_tls(args: argparse.Namespace) -> Output:
+    with Client() as c:
+        cert = c.tls_probe(args.uri)
+    text = (
+        f"{cert['host']}:{cert['port']} presents\n  SHA-256 {cert['thumbprint']}\n"
+        f"  subject {cert['subject']}\n  issuer  {cert['issuer']}\n"
+        f"  trusted by system CAs: {'yes' if cert['verified_by_ca'] else 'no'}\n"
+        "Confirm the fingerprint with the vCenter administrator, then add the source with "
+        f"--thumbprint {cert['thumbprint']}"
+    )
+    return Output(cert, text)
+
+
+def source_hostkey(args: argparse.Namespace) -> Output:
+    with Client() as c:
+        k = c.ssh_host_key(args.uri)
+    text = (
+        f"{k['host']}:{k['port']} presents\n  {k['fingerprint']}\n"
+        "Confirm the fingerprint with the server's administrator (ssh-keygen -lf "
+        "/etc/ssh/ssh_host_ed25519_key.pub on the server), then add the source with\n"
+        f"  --param host_key={k['fingerprint']}"
+    )
+    return Output(k, text)
 
 
 def source_test(args: argparse.Namespace) -> Output:
@@ -420,6 +420,22 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         help="no TLS certificate check (recorded in events and the audit log)",
     )
     p.add_argument("--no-test", action="store_true", help="save without reaching the source")
+    p = verb("edit", source_edit, "change a source in place (tested first)", ssub)
+    p.add_argument("name")
+    p.add_argument("--rename", metavar="NEW_NAME")
+    p.add_argument("--uri", help="a new address: its certificate or host key is asked again")
+    p.add_argument("--user")
+    p.add_argument("--password-file", help="a new password (linux-agent: SSH private key)")
+    p.add_argument("--password-stdin", action="store_true")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--unset-param", action="append", default=[], metavar="KEY")
+    p.add_argument("--throttle", type=parse_rate, help="cap of every sync from it: 50MiB, 100mbit")
+    p.add_argument("--no-throttle", action="store_true")
+    p.add_argument("--thumbprint", help="SHA-256 of the new certificate, confirmed by you")
+    tls = p.add_mutually_exclusive_group()
+    tls.add_argument("--insecure", action="store_true", default=None, help="no TLS check")
+    tls.add_argument("--secure", dest="insecure", action="store_false", help="check TLS again")
+    p.add_argument("--no-test", action="store_true", help="save without reaching the source")
     p = verb("tls", source_tls, "show the certificate a vCenter presents", ssub)
     p.add_argument("uri")
     p = verb("hostkey", source_hostkey, "show the SSH host key a server presents", ssub)
@@ -442,22 +458,6 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     msub = mach.add_subparsers(dest="machine_verb", metavar="ACTION")
     p = verb("show", machine_show, "disks, settings, restore points", msub)
     p.add_argument("name")
-    p = verb("edit", source_edit, "change a source in place (tested first)", ssub)
-    p.add_argument("name")
-    p.add_argument("--rename", metavar="NEW_NAME")
-    p.add_argument("--uri", help="a new address: its certificate or host key is asked again")
-    p.add_argument("--user")
-    p.add_argument("--password-file", help="a new password (linux-agent: SSH private key)")
-    p.add_argument("--password-stdin", action="store_true")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--unset-param", action="append", default=[], metavar="KEY")
-    p.add_argument("--throttle", type=parse_rate, help="cap of every sync from it: 50MiB, 100mbit")
-    p.add_argument("--no-throttle", action="store_true")
-    p.add_argument("--thumbprint", help="SHA-256 of the new certificate, confirmed by you")
-    tls = p.add_mutually_exclusive_group()
-    tls.add_argument("--insecure", action="store_true", default=None, help="no TLS check")
-    tls.add_argument("--secure", dest="insecure", action="store_false", help="check TLS again")
-    p.add_argument("--no-test", action="store_true", help="save without reaching the source")
 
     for name, handler, help_ in (
         ("protect", protect, "start protecting a machine"),
