@@ -79,7 +79,6 @@ def sshd(root: Path, user: str, command: str) -> Iterator[tuple[int, Path]]:
         f"AllowUsers {user}\nX11Forwarding no\nAllowTcpForwarding no\nPrintMotd no\n"
         f"Match User {user}\n    ForceCommand {command}\n"
     )
-    made_privsep = not Path("/run/sshd").exists()
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     with open(root / "sshd.log", "w") as log:
         proc = subprocess.Popen(
@@ -96,8 +95,6 @@ def sshd(root: Path, user: str, command: str) -> Iterator[tuple[int, Path]]:
         finally:
             proc.terminate()
             proc.wait(10)
-            if made_privsep:
-                shutil.rmtree("/run/sshd", ignore_errors=True)
 
 
 class Tmux:
