@@ -452,7 +452,6 @@ class _Cutover:
         """One sync per machine (parallel, each on its own store connection)."""
         from appliance import replication
 
-        self._pause_protection()  # no scheduled sync starts while the cutover runs
         self._wait_idle(which)
 
         def one(m: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from appliance import support
 from appliance.cli import verbs_support
 from store.db import open_store
 from store.records import add_event
-from store.secrets import Vault
+from store.secrets import KEY_NAME, Vault
 from tests.helpers.daemon import Env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -66,7 +66,12 @@ def _run_verb(*argv: str) -> dict[str, object]:
 
 def test_bundle_has_logs_doctor_store_and_no_secret(fm_env: Env, tmp_path: Path) -> None:
     token = _seed(fm_env)
-    key = (fm_env.state_dir / "secret.key").read_bytes().strip()
+    # The vault key however it is kept (sealed by systemd-creds where that works, else a
+    # root-only file), and the files that hold it.
+    vault = Vault(fm_env.state_dir / KEY_NAME)
+    assert vault.backend != "none"
+    key = vault._load()
+    key_files = [f.read_bytes() for f in (vault.key_path, vault.sealed_path) if f.exists()]
     outdir = tmp_path / "out"
     outdir.mkdir()
     data = _run_verb("--output", str(outdir))
@@ -87,7 +92,7 @@ def test_bundle_has_logs_doctor_store_and_no_secret(fm_env: Env, tmp_path: Path)
 
     # Never a secret: not the canary, not its encrypted token, not the key, in any member.
     for name, content in files.items():
-        for secret in (CANARY.encode(), token, key):
+        for secret in (CANARY.encode(), token, key, *key_files):
             assert secret not in content, f"{name} holds a secret"
     log = files["logs/ferryman/ferrymand.log"].decode()
     assert "--password=[REDACTED]" in log and "[REDACTED-TOKEN]" in log and "started" in log
