@@ -183,6 +183,18 @@ def _lines(path: Path) -> list[str]:
     return out
 
 
+def host_devices_kept() -> contextlib.AbstractContextManager[None]:
+    """images/guests/builder.py's keeper of the host's device nodes (a chroot shares /dev)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "guests" / "builder.py"
+    spec = importlib.util.spec_from_file_location("ferryman_guest_builder", path)
+    assert spec is not None and spec.loader is not None, path
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.host_devices_kept()  # type: ignore[no-any-return]
+
+
 @contextlib.contextmanager
 def _chroot_mounts(root: Path, binds: dict[str, Path]) -> Iterator[None]:
     """proc, sys, dev and the apt caches inside ``root``; always unmounted again."""
@@ -741,7 +753,8 @@ def build(*, refresh: bool = False) -> Path:
         if out.exists() and not refresh:
             return out
         t0 = time.monotonic()
-        rootfs = rootfs_tarball(refresh=refresh)
+        with host_devices_kept():  # the chroot shares /dev: see images/guests/builder.py
+            rootfs = rootfs_tarball(refresh=refresh)
         wheelhouse()
         work = Path(tempfile.mkdtemp(prefix="image-", dir=cache))
         try:

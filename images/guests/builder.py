@@ -77,6 +77,33 @@ def recipe_key(name: str) -> str:
     return hashlib.sha256((_hash_paths(paths) + layout).encode()).hexdigest()[:16]
 
 
+# Device nodes that package scripts in a chroot touch (systemd-tmpfiles, udev rules). In a
+# container debootstrap bind-mounts the host's /dev into the chroot, so a postinst there
+# gives /dev/kvm to the CHROOT's kvm gid, which on the host is another group (ssl-cert on
+# these machines): libvirtd then re-probes qemu on every call. Put them back afterwards.
+HOST_NODES = ("/dev/kvm", "/dev/net/tun", "/dev/vhost-net", "/dev/vhost-vsock", "/dev/fuse")
+
+
+@contextlib.contextmanager
+def host_devices_kept() -> Iterator[None]:
+    """Owner, group and mode of HOST_NODES as they were before the block, whatever it did."""
+    saved = {}
+    for node in HOST_NODES:
+        with contextlib.suppress(OSError):
+            st = os.stat(node)
+            saved[node] = (st.st_uid, st.st_gid, st.st_mode & 0o7777)
+    try:
+        yield
+    finally:
+        for node, (uid, gid, mode) in saved.items():
+            with contextlib.suppress(OSError):
+                st = os.stat(node)
+                if (st.st_uid, st.st_gid, st.st_mode & 0o7777) != (uid, gid, mode):
+                    os.chown(node, uid, gid)
+                    os.chmod(node, mode)
+                    log.warning("%s: changed by a chroot's package scripts; restored", node)
+
+
 def _rootfs_key() -> str:
     return _hash_paths([HERE / "packages.txt", HERE / "common" / "rootfs.sh"])
 
@@ -158,20 +185,21 @@ def rootfs_tarball() -> Path:
                 )
                 os.rename(f"{debs}.part", debs)
             env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-            _run(
-                [
-                    "debootstrap",
-                    "--variant=minbase",
-                    f"--include={include}",
-                    f"--unpack-tarball={debs}",
-                    SUITE,
-                    str(target),
-                    apt_mirror(),
-                ],
-                logf,
-                env=env,
-            )
-            _run(["bash", str(HERE / "common" / "rootfs.sh"), str(target)], logf, env=env)
+            with host_devices_kept():
+                _run(
+                    [
+                        "debootstrap",
+                        "--variant=minbase",
+                        f"--include={include}",
+                        f"--unpack-tarball={debs}",
+                        SUITE,
+                        str(target),
+                        apt_mirror(),
+                    ],
+                    logf,
+                    env=env,
+                )
+                _run(["bash", str(HERE / "common" / "rootfs.sh"), str(target)], logf, env=env)
             _run(["tar", "-C", str(target), "--numeric-owner", "-cf", f"{out}.part", "."], logf)
             os.rename(f"{out}.part", out)
         finally:
