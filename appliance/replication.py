@@ -468,6 +468,16 @@ def effective_throttle(caps: dict[str, int | None]) -> int | None:
     return min(set_) if set_ else None
 
 
+def record_point_disks(db: Database, rp_id: int, disks: list[dict[str, Any]]) -> None:
+    """The per-disk rows of a new restore point (inside the caller's transaction)."""
+    for d in disks:
+        db.execute(
+            "INSERT INTO restore_point_disks (restore_point_id, disk_key, path, size, "
+            "manifest) VALUES (?,?,?,?,?)",
+            [rp_id, d["disk_key"], d["path"], d["size"], d["manifest"]],
+        )
+
+
 def run_sync(ctx: JobContext) -> dict[str, Any]:
     db = ctx.db
     assert ctx.machine_id is not None
@@ -654,12 +664,7 @@ def _sync(
             ],
         )
         rp_id = int(cur.lastrowid or 0)
-        for dd in disks_out:
-            db.execute(
-                "INSERT INTO restore_point_disks (restore_point_id, disk_key, path, size, "
-                "manifest) VALUES (?,?,?,?,?)",
-                [rp_id, dd["disk_key"], dd["path"], dd["size"], dd["manifest"]],
-            )
+        record_point_disks(db, rp_id, disks_out)
         db.execute(
             "UPDATE sync_sessions SET state='sealed', ended_at=?, bytes_read=?, "
             "bytes_written=? WHERE id=?",

@@ -889,6 +889,7 @@ def run_import(ctx: Any) -> dict[str, Any]:
         machine_dir,
         point_name,
         reconcile,
+        record_point_disks,
         writer_dir,
     )
     from store.db import dumps, now, write_txn
@@ -989,12 +990,7 @@ def run_import(ctx: Any) -> dict[str, Any]:
             ],
         )
         rp_id = int(cur.lastrowid or 0)
-        for d in disks_out:
-            db.execute(
-                "INSERT INTO restore_point_disks (restore_point_id, disk_key, path, size, "
-                "manifest) VALUES (?,?,?,?,?)",
-                [rp_id, d["disk_key"], d["path"], d["size"], d["manifest"]],
-            )
+        record_point_disks(db, rp_id, disks_out)
         db.execute(
             "UPDATE sync_sessions SET state='sealed', ended_at=?, bytes_written=? WHERE id=?",
             [now(), stats["bytes_written"], sid],
