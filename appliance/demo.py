@@ -98,8 +98,8 @@ def ensure_network() -> None:
 def setup_lab(c: Client, story: Story, domain_type: str) -> None:
     if not lab.vm_defined() and not lab.base_cached():
         story.step(
-            "building the lab image (first run only: debootstrap + libguestfs, about 5-7 min "
-            f"on 2 cores without KVM; cached in {lab.cache_root()})"
+            "building the lab image (first run only: Debian 12 root tree, disk, GRUB; about "
+            f"2 min on 2 idle cores without KVM; log {lab.build_log()})"
         )
     r = lab.start_vm(domain_type)
     story.step(

@@ -1,10 +1,10 @@
 """The built-in lab: a libvirt guest that looks like a VMware VM and keeps writing.
 
-It is what ``scripts/demo`` migrates when there is no vCenter: the cached "vmware-like" Debian
-12 test guest (root on /dev/sda1, no virtio drivers, open-vm-tools) plus a unit that writes
-1 MiB every 2 seconds into a 64 MiB ring of files, so every sync has changes to carry. The
-guest runs as a TCG domain on SATA, exactly what conversion must fix before it boots on
-virtio.
+It is what ``scripts/demo`` migrates when there is no vCenter: the test guest "lab-web01"
+(images/guests: the vmware-like Debian 12, root on /dev/sda1, no virtio drivers,
+open-vm-tools, plus a unit that writes 1 MiB every 2 seconds into a 64 MiB ring of files, so
+every sync has changes to carry). The guest runs as a TCG domain on SATA, exactly what
+conversion must fix before it boots on virtio.
 
 Everything the lab creates carries the ``ferryman-lab`` prefix, so ``reset`` removes exactly
 that: domains, networks, overlays and the lab's rows, never anything else.
@@ -12,14 +12,12 @@ that: domains, networks, overlays and the lab's rows, never anything else.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from appliance.config import paths
 from appliance.errors import FerrymanError
 
 log = logging.getLogger(__name__)
@@ -30,31 +28,8 @@ SOURCE = "lab"
 PLAN = "lab"
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_GUEST = ROOT / "images" / "guests" / "build"
+GUEST = "lab-web01"  # the recipe in images/guests: vmware-like plus the writing workload
 MEMORY_MIB = 768  # enough for Debian 12 with systemd; TCG guests are memory-light
-
-WRITER_SCRIPT = """#!/bin/sh
-# Ferryman lab: keep writing, like a busy server. 1 MiB every 2 s over a 64 MiB ring.
-mkdir -p /var/lib/lab
-i=0
-while true; do
-    dd if=/dev/urandom of=/var/lib/lab/data-$((i % 64)).bin bs=1M count=1 conv=fsync \\
-        status=none
-    echo "$(date -u +%FT%TZ) wrote data-$((i % 64)).bin" > /var/lib/lab/last-write
-    i=$((i + 1))
-    sleep 2
-done
-"""
-WRITER_UNIT = """[Unit]
-Description=Ferryman lab: a workload that keeps writing to disk
-After=local-fs.target
-
-[Service]
-ExecStart=/usr/local/sbin/ferryman-lab-writer
-Restart=always
-
-[Install]
-WantedBy=multi-user.target
-"""
 
 
 class LabError(FerrymanError):
@@ -77,13 +52,19 @@ def _run(argv: list[str], what: str, timeout: float = 1800) -> str:
     return r.stdout
 
 
-def cache_root() -> Path:
-    return paths().cache_dir
+def _build(*args: str, what: str) -> Path:
+    out = _run([str(BUILD_GUEST), *args, GUEST], what).strip().splitlines()
+    return Path(out[-1])
+
+
+def build_log() -> Path:
+    """The lab image build's log (commands and their output), beside the image in the cache."""
+    return _build("--path", what="looking up the lab image").with_suffix(".log")
 
 
 def base_cached() -> bool:
-    """Is a lab base image in the cache (so starting the lab takes seconds, not minutes)?"""
-    return any((paths().cache_dir / "lab").glob("web01-*.qcow2"))
+    """Is the lab's image in the cache (so starting the lab takes seconds, not minutes)?"""
+    return _build("--path", what="looking up the lab image").exists()
 
 
 def vm_defined() -> bool:
@@ -100,55 +81,8 @@ def vm_defined() -> bool:
 
 
 def base_image() -> Path:
-    """The lab's read-only base: vmware-like + the writer, cached beside the test guests."""
-    guest = Path(
-        _run([str(BUILD_GUEST), "vmware-like"], "building the vmware-like guest")
-        .strip()
-        .splitlines()[-1]
-    )
-    key = hashlib.sha256((guest.name + WRITER_SCRIPT + WRITER_UNIT).encode()).hexdigest()[:16]
-    cache = paths().cache_dir / "lab"
-    out = cache / f"web01-{key}.qcow2"
-    if out.exists():
-        return out
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.unlink(missing_ok=True)
-    _run(["qemu-img", "convert", "-O", "qcow2", str(guest), str(tmp)], "copying the guest")
-    _inject_writer(tmp)
-    os.chmod(tmp, 0o444)
-    os.replace(tmp, out)
-    return out
-
-
-def _inject_writer(image: Path) -> None:
-    import guestfs
-
-    g = guestfs.GuestFS(python_return_dict=True)
-    if "LIBGUESTFS_BACKEND_SETTINGS" not in os.environ:
-        # No probe verdict in this process: TCG is slow but never hangs (nested KVM can).
-        g.set_backend_settings(["force_tcg"])
-    try:
-        g.add_drive_opts(str(image), format="qcow2", readonly=0)
-        g.launch()
-        roots = g.inspect_os()
-        if not roots:
-            raise LabError(
-                f"no operating system found in {image}", hint="remove the image cache and run again"
-            )
-        g.mount(roots[0], "/")
-        g.write("/usr/local/sbin/ferryman-lab-writer", WRITER_SCRIPT)
-        g.chmod(0o755, "/usr/local/sbin/ferryman-lab-writer")
-        g.write("/etc/systemd/system/ferryman-lab-writer.service", WRITER_UNIT)
-        g.ln_sf(
-            "/etc/systemd/system/ferryman-lab-writer.service",
-            "/etc/systemd/system/multi-user.target.wants/ferryman-lab-writer.service",
-        )
-        g.write("/etc/hostname", "web01\n")
-        g.umount_all()
-        g.shutdown()
-    finally:
-        g.close()
+    """The lab's read-only base image, built on first use (images/guests: lab-web01)."""
+    return _build(what="building the lab image")
 
 
 def domain_xml(disk: Path, console_log: Path, domain_type: str) -> str:
