@@ -17,15 +17,24 @@ need_root() {
     [ "$(id -u)" = 0 ] || die "run as root (it installs Debian packages and starts libvirtd): sudo $0 $*"
 }
 
+APT_UPDATED=
+
+package_list() {
+    grep -vE '^\s*(#|$)' "$FERRYMAN_ROOT/scripts/$1"
+}
+
 ensure_packages() {
-    local want missing=() p
-    want=$(grep -vE '^\s*(#|$)' "$FERRYMAN_ROOT/scripts/debian-packages.txt")
+    # The packages named, only the missing ones; one apt-get update per run at most.
+    local want="$*" missing=() p
     for p in $want; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
     done
     if [ ${#missing[@]} -gt 0 ]; then
         say "installing ${#missing[@]} Debian packages: ${missing[*]}"
-        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        if [ -z "$APT_UPDATED" ]; then
+            DEBIAN_FRONTEND=noninteractive apt-get update -qq
+            APT_UPDATED=1
+        fi
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
 }
@@ -89,8 +98,14 @@ ensure_groups() {
 }
 
 setup_all() {
+    # FERRYMAN_PACKAGES=runtime: what Ferryman and the demo need; the tests and the benchmark
+    # also need scripts/debian-packages-test.txt (the default).
     need_root "$@"
-    ensure_packages
+    if [ "${FERRYMAN_PACKAGES:-all}" = runtime ]; then
+        ensure_packages $(package_list debian-packages.txt)
+    else
+        ensure_packages $(package_list debian-packages.txt) $(package_list debian-packages-test.txt)
+    fi
     ensure_venv
     ensure_groups
     ensure_kvm_group
