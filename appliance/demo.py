@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             probe = health.get("probe") or {}
             setup_lab(c, story, probe.get("domain_type", "qemu"))
+            ensure_plan(c, story)  # the TUI's newcomer test-runs and cuts over this plan
             if not args.headless:
                 story.step(
                     "opening the TUI on the dashboard: the first sync runs there "
@@ -272,7 +273,6 @@ def main(argv: list[str] | None = None) -> int:
                 ferryman = Path(sys.executable).parent / "ferryman"
                 os.execv(str(ferryman), [str(ferryman)])
             first_sync(c, story)
-            ensure_plan(c, story)
             test_run(c, story)
             cutover(c, story)
             story.step("done: run 'scripts/demo --reset' to start over")
