@@ -9,9 +9,9 @@ Two stages:
 
 1. ``rootfs``: ``debootstrap --variant=minbase`` of Debian 12 plus packages.txt from the mirror
    apt uses, packed as a tarball (the only stage that needs the network; the downloaded .debs are
-   cached as a debootstrap tarball too). Initramfs work happens here, in a chroot on the host,
-   at native speed.
-2. per guest: the rootfs is customised on the host (files from the guest's recipe folder).
+   cached as a debootstrap tarball too). No initramfs yet (INITRD=No): each guest makes its own.
+2. per guest: the rootfs is customised on the host (files from the guest's recipe folder, after
+   its base recipe's) and its initramfs made in a chroot on the host, at native speed.
    One-partition guests (vmware-like, lab-web01) are then made on the host at native speed:
    an MBR written here and ``mke2fs -d`` filling the partition from the tree; libguestfs only
    runs grub-install/grub-mkconfig inside the guest. LVM guests need device-mapper, which only
