@@ -106,15 +106,10 @@ class CutoverScreen(FerrymanScreen):
         cur = t.cursor_row
         t.clear()
         for step, label, state, typed, secs in cutover_steps(run):
-            word = {"failed": "✗ FAILED", "awaiting": "? CONFIRM"}.get(state, state)
-            t.add_row(
-                STEP_MARK.get(state, "?"),
-                step,
-                word,
-                fmt.duration(secs),
-                label + (" (type the plan name)" if typed else ""),
-                key=step,
-            )
+            # the steps that cannot be undone say so where the eye is when they wait
+            confirm = "? TYPE NAME" if typed else "? CONFIRM"
+            word = {"failed": "✗ FAILED", "awaiting": confirm}.get(state, state)
+            t.add_row(STEP_MARK.get(state, "?"), step, word, fmt.duration(secs), label, key=step)
         t.move_cursor(row=cur)
         secs, running = downtime_s(run, self.services.now())
         clock = Text()

@@ -21,6 +21,7 @@ from tui.screens.base import FerrymanScreen
 from tui.widgets.plans.timeline import run_rto, timeline_rows
 
 BAR_MIN, BAR_MAX = 12, 90
+NAME_MIN = 10  # the machine column never gets narrower than this
 
 
 class TestRunScreen(FerrymanScreen):
@@ -109,8 +110,7 @@ class TestRunScreen(FerrymanScreen):
             return
         now = self.services.now()
         rep = run["report"] or {}
-        # what is left of the detail pane after the other columns (about 40 cells)
-        width = max(BAR_MIN, min(BAR_MAX, self.query_one("#tr-detail").size.width - 42))
+        name_w, width = self.column_widths(run)
         h = Text()
         h.append(f"run {run['id']}  plan {run['plan']} v{run['version']}  ", style="bold")
         h.append(f"{run['state']}  started {fmt.clock(run['started_at'], now)}  ")
@@ -118,13 +118,13 @@ class TestRunScreen(FerrymanScreen):
         h.append("\nC convert · wait B boot R ready-checks", style="dim")
         head.update(h)
         tl.clear(columns=True)
-        tl.add_column("MACHINE")
+        tl.add_column("MACHINE", width=name_w)
         tl.add_column("RANK")
         tl.add_column("RTO")
         tl.add_column("STATE")
         tl.add_column("TIMELINE", width=width)
-        for row in timeline_rows(run, width):
-            tl.add_row(*row)
+        for name, *rest in timeline_rows(run, width):
+            tl.add_row(name if len(name) <= name_w else name[: name_w - 1] + "…", *rest)
         if self.show_json:
             rep_w.update(json.dumps(rep, indent=2))
         else:
@@ -142,6 +142,23 @@ class TestRunScreen(FerrymanScreen):
                 if m.get("error"):
                     text.append(f"✗ {m.get('machine')}: {m['error']}\n", style="bold")
             rep_w.update(text or "(j shows the full report as JSON)")
+
+    def column_widths(self, run: dict[str, Any]) -> tuple[int, int]:
+        """(machine name, timeline) widths that fit the detail pane: the other columns take
+        what their longest value needs; at 80 columns the name gives way first (clipped with
+        an ellipsis) so the whole timeline stays visible."""
+        probe = timeline_rows(run, 1)
+
+        def need(i: int, head: str) -> int:
+            return max([len(head)] + [len(r[i]) for r in probe])
+
+        # DataTable pads every cell by one column each side; one more for the scrollbar
+        room = self.query_one("#tr-detail").size.width - 1
+        room -= sum(need(i, h) + 2 for i, h in ((1, "RANK"), (2, "RTO"), (3, "STATE"))) + 2
+        name = need(0, "MACHINE")
+        if room - (name + 2) < BAR_MIN:
+            name = max(NAME_MIN, room - 2 - BAR_MIN)
+        return name, max(BAR_MIN, min(BAR_MAX, room - (name + 2)))
 
     def action_json(self) -> None:
         self.show_json = not self.show_json

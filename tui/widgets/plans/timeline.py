@@ -20,13 +20,13 @@ from tui import format as fmt
 PHASES = (("convert_s", "C"), ("wait_s", "·"), ("boot_s", "B"), ("ready_s", "R"))
 # (step, what it does, asks for a confirmation, asks to type the plan name)
 CUTOVER_STEPS = (
-    ("preflight", "Preflight: plan valid, points replicated, sources controllable", False, False),
-    ("final-delta", "One more sync while the sources still run", True, False),
+    ("preflight", "Preflight: plan, points, sources", False, False),
+    ("final-delta", "One more sync, sources still up", True, False),
     ("stop-source", "STOP the sources: downtime starts", True, True),
     ("last-delta", "Copy what changed until the stop", False, False),
-    ("seal", "Seal the restore points that will boot", False, False),
-    ("bring-up", "Convert, boot by plan, readiness checks", False, False),
-    ("commit", "COMMIT: targets stay, sources never start again", True, True),
+    ("seal", "Seal the points that will boot", False, False),
+    ("bring-up", "Convert, boot, readiness checks", False, False),
+    ("commit", "COMMIT: targets stay, sources off", True, True),
 )
 STEP_MARK = {
     "done": "✓",
