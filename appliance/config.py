@@ -43,3 +43,17 @@ def paths() -> Paths:
         log_dir=Path(env("FERRYMAN_LOG_DIR", "/var/log/ferryman")),
         cache_dir=Path(env("FERRYMAN_CACHE", "/var/cache/ferryman")),
     )
+
+
+def environment_under(base: Path) -> dict[str, str]:
+    """Environment variables that put an appliance's state, socket, logs, volumes and demo lab
+    under ``base``: a second, independent Ferryman on the same host (the demo test and the
+    demo benchmark run ``scripts/demo`` this way). The image cache stays shared."""
+    return {
+        "FERRYMAN_STATE_DIR": str(base / "state"),
+        "FERRYMAN_RUN_DIR": str(base / "run"),
+        "FERRYMAN_SOCKET": str(base / "run" / "ferrymand.sock"),
+        "FERRYMAN_LOG_DIR": str(base / "log"),
+        "FERRYMAN_VOLUME_DIR": str(base / "volumes"),
+        "FERRYMAN_LAB_DIR": str(base / "lab"),
+    }

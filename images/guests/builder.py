@@ -299,6 +299,13 @@ def _guestfs_handle(disk: Path, fmt: str = "qcow2") -> object:
     return g
 
 
+def _shut_down(g: object) -> None:
+    """Flush, unmount and stop the appliance: a write not synced before close is lost."""
+    g.sync()  # type: ignore[attr-defined]
+    g.umount_all()  # type: ignore[attr-defined]
+    g.shutdown()  # type: ignore[attr-defined]
+
+
 def _install_grub(g: object, logf: Path) -> None:
     for cmd in (
         ["grub-install", "--target=i386-pc", "/dev/sda"],
@@ -355,9 +362,7 @@ def _install_grub_on(raw: Path, out: Path, logf: Path) -> None:
     try:
         g.mount("/dev/sda1", "/")  # type: ignore[attr-defined]
         _install_grub(g, logf)
-        g.sync()  # type: ignore[attr-defined]
-        g.umount_all()  # type: ignore[attr-defined]
-        g.shutdown()  # type: ignore[attr-defined]
+        _shut_down(g)
     finally:
         g.close()  # type: ignore[attr-defined]
 
@@ -388,9 +393,7 @@ def _build_debian(name: str, out: Path, work: Path, logf: Path) -> None:
         g.mount("/dev/sda1", "/boot")  # type: ignore[attr-defined]
         g.tar_in(str(tar), "/")  # type: ignore[attr-defined]
         _install_grub(g, logf)
-        g.sync()  # type: ignore[attr-defined]
-        g.umount_all()  # type: ignore[attr-defined]
-        g.shutdown()  # type: ignore[attr-defined]
+        _shut_down(g)
     finally:
         g.close()  # type: ignore[attr-defined]
     os.rename(disk, out)
@@ -452,9 +455,7 @@ def _build_windows(out: Path, work: Path, logf: Path) -> None:
             g.upload(str(path), f"/Windows/System32/Config/{hive}")  # type: ignore[attr-defined]
         g.upload(str(exe), "/Windows/System32/cmd.exe")  # type: ignore[attr-defined]
         g.touch("/autoexec.bat")  # type: ignore[attr-defined]
-        g.sync()  # type: ignore[attr-defined]
-        g.umount_all()  # type: ignore[attr-defined]
-        g.shutdown()  # type: ignore[attr-defined]
+        _shut_down(g)
     finally:
         g.close()  # type: ignore[attr-defined]
     os.rename(disk, out)

@@ -19,7 +19,6 @@ demo_first_sync_s
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -39,14 +38,11 @@ FIRST_SYNC_BUDGET_S = 600.0
 
 
 def _builder() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "ferryman_images_builder", ROOT / "images" / "guests" / "builder.py"
-    )
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    """images/guests/builder.py, imported as its README says."""
+    sys.path.insert(0, str(ROOT / "images" / "guests"))
+    import builder
+
+    return builder
 
 
 def _count_files(disks: list[Path]) -> list[int]:
@@ -132,16 +128,9 @@ def demo_first_sync() -> dict[str, Any]:
         raise RuntimeError(f"the demo lab is in use ({busy}): run scripts/demo --reset first")
     base = Path(tempfile.mkdtemp(prefix="ferryman-bench-demo-", dir="/var/tmp"))
     base.chmod(0o755)  # libvirt's qemu user reads the lab disk under it
-    env = {
-        **os.environ,
-        "FERRYMAN_CACHE": str(base / "cache"),
-        "FERRYMAN_STATE_DIR": str(base / "state"),
-        "FERRYMAN_RUN_DIR": str(base / "run"),
-        "FERRYMAN_SOCKET": str(base / "run" / "ferrymand.sock"),
-        "FERRYMAN_LOG_DIR": str(base / "log"),
-        "FERRYMAN_VOLUME_DIR": str(base / "volumes"),
-        "FERRYMAN_LAB_DIR": str(base / "lab"),
-    }
+    from appliance.config import environment_under
+
+    env = {**os.environ, **environment_under(base), "FERRYMAN_CACHE": str(base / "cache")}
     demo = ROOT / "scripts" / "demo"
     lines: list[str] = []
     first = None

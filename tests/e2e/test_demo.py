@@ -20,6 +20,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from appliance.config import environment_under
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -35,15 +37,7 @@ def clone(tmp_path: Path) -> Path:
 def demo_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     base = Path(f"/var/tmp/ferryman-demo-test-{uuid.uuid4().hex[:6]}")
     base.mkdir(mode=0o755)
-    env = {
-        **os.environ,
-        "FERRYMAN_STATE_DIR": str(base / "state"),
-        "FERRYMAN_RUN_DIR": str(base / "run"),
-        "FERRYMAN_SOCKET": str(base / "run" / "ferrymand.sock"),
-        "FERRYMAN_LOG_DIR": str(base / "log"),
-        "FERRYMAN_VOLUME_DIR": str(base / "volumes"),
-        "FERRYMAN_LAB_DIR": str(base / "lab"),
-    }
+    env = {**os.environ, **environment_under(base)}
     yield env
     pid_file = base / "state" / "state.db.lock"
     if pid_file.exists():  # the demo starts ferrymand detached: stop that one, by its PID

@@ -7,11 +7,9 @@ owners, modes and links intact. Booting it is the demo test's and the conversion
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -23,13 +21,9 @@ MIB = 1024**2
 
 @pytest.fixture(scope="module")
 def builder() -> ModuleType:
-    path = ROOT / "images" / "guests" / "builder.py"
-    spec = importlib.util.spec_from_file_location("ferryman_guest_builder_t", path)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    from tests.images_fixtures import _builder
+
+    return _builder()
 
 
 def _tree(root: Path) -> Path:
