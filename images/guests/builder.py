@@ -247,6 +247,10 @@ def rootfs_tarball() -> Path:
             os.rename(f"{out}.part", out)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        # Trees and downloads of an older packages.txt or rootfs.sh: 0.7-1.4 GiB each.
+        for old in [*cache.glob(f"rootfs-{SUITE}-*"), *cache.glob(f"debootstrap-{SUITE}-*")]:
+            if old.is_file() and old not in (out, logf, debs):
+                old.unlink(missing_ok=True)
     return out
 
 
