@@ -96,10 +96,10 @@ def ensure_network() -> None:
 
 
 def setup_lab(c: Client, story: Story, domain_type: str) -> None:
-    if not lab.vm_defined() and not lab.base_cached():
+    if not lab.vm_defined() and not (image := lab.image_path()).exists():
         story.step(
             "building the lab image (first run only: Debian 12 root tree, disk, GRUB; about "
-            f"2 min on 2 idle cores without KVM; log {lab.build_log()})"
+            f"2 min on 2 idle cores without KVM; log {image.with_suffix('.log')})"
         )
     r = lab.start_vm(domain_type)
     story.step(

@@ -57,14 +57,9 @@ def _build(*args: str, what: str) -> Path:
     return Path(out[-1])
 
 
-def build_log() -> Path:
-    """The lab image build's log (commands and their output), beside the image in the cache."""
-    return _build("--path", what="looking up the lab image").with_suffix(".log")
-
-
-def base_cached() -> bool:
-    """Is the lab's image in the cache (so starting the lab takes seconds, not minutes)?"""
-    return _build("--path", what="looking up the lab image").exists()
+def image_path() -> Path:
+    """Where the lab's image is, or will be once built (its build log: .log beside it)."""
+    return _build("--path", what="looking up the lab image")
 
 
 def vm_defined() -> bool:

@@ -43,6 +43,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import tomllib
@@ -185,14 +186,10 @@ def _lines(path: Path) -> list[str]:
 
 def host_devices_kept() -> contextlib.AbstractContextManager[None]:
     """images/guests/builder.py's keeper of the host's device nodes (a chroot shares /dev)."""
-    import importlib.util
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "guests"))
+    import builder
 
-    path = Path(__file__).resolve().parents[1] / "guests" / "builder.py"
-    spec = importlib.util.spec_from_file_location("ferryman_guest_builder", path)
-    assert spec is not None and spec.loader is not None, path
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.host_devices_kept()  # type: ignore[no-any-return]
+    return builder.host_devices_kept()  # type: ignore[no-any-return]
 
 
 @contextlib.contextmanager

@@ -293,12 +293,12 @@ def _guest_tree_tar(name: str, work: Path, logf: Path) -> Path:
     return out
 
 
-def _guestfs_handle(disk: Path, fmt: str = "qcow2") -> object:
+def _guestfs_handle(disk: Path) -> object:
     import guestfs
 
     g = guestfs.GuestFS(python_return_dict=True)
     g.set_backend(os.environ.get("LIBGUESTFS_BACKEND", "direct"))
-    g.add_drive_opts(str(disk), format=fmt, readonly=False)
+    g.add_drive_opts(str(disk), format="qcow2", readonly=False)
     g.launch()
     return g
 
